@@ -1,0 +1,80 @@
+"""EngineConfig: the engine's settings, with vLLM's names, parsed and validated from strings."""
+import json
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 0                 # 0: the model's max_position_embeddings
+    dtype: str = "auto"                    # auto: bf16 on CUDA (fp16 if unsupported), fp32 on CPU
+    cpu_kvcache_space_gb: float = 1.0      # KV pool size on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    num_gpu_blocks_override: int = 0       # fixed KV pool size in blocks, on any device; 0: sized from memory
+    device: str = "auto"                   # auto: cuda when available, else cpu
+    seed: int = 0
+    load_format: str = "auto"              # auto: safetensors; dummy: random weights for config.json
+
+    DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+    @classmethod
+    def from_parameters(cls, params: dict, model_dir_base: str = "") -> "EngineConfig":
+        """Build from Triton's string parameters; unknown keys are an error (a typo must not pass)."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, raw in params.items():
+            if key not in known:
+                raise ValueError(f"unknown parameter '{key}' (known: {', '.join(sorted(known))})")
+            value = raw.get("string_value", "") if isinstance(raw, dict) else raw
+            if isinstance(value, str):
+                value = value.strip()
+                if value == "":
+                    continue
+            kwargs[key] = _convert(key, value, known[key].type)
+        config = cls(**kwargs)
+        if config.model and model_dir_base and not os.path.isabs(config.model):
+            config.model = os.path.join(model_dir_base, config.model)
+        config.validate()
+        return config
+
+    def validate(self):
+        def check(ok, name, what):
+            if not ok:
+                raise ValueError(f"parameter '{name}' {what}, got {getattr(self, name)!r}")
+        check(bool(self.model), "model", "must name a model directory")
+        if self.load_format != "dummy":
+            check(os.path.isfile(os.path.join(self.model, "config.json")), "model",
+                  "must be a directory holding config.json")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+              "must be a power of two")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.max_model_len >= 0, "max_model_len", "must be >= 0")
+        check(self.dtype in self.DTYPES, "dtype", f"must be one of {self.DTYPES}")
+        check(self.cpu_kvcache_space_gb > 0, "cpu_kvcache_space_gb", "must be > 0")
+        check(self.num_gpu_blocks_override >= 0, "num_gpu_blocks_override", "must be >= 0")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+              "must be auto, cpu or cuda[:N]")
+        check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+
+    def hf_config(self) -> dict:
+        with open(os.path.join(self.model, "config.json")) as f:
+            return json.load(f)
+
+
+def _convert(key, value, typ):
+    typ = {"int": int, "float": float, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    try:
+        if typ is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"parameter '{key}' must be {typ.__name__}, got {value!r}") from None

@@ -1,0 +1,31 @@
+"""Incremental detokenizer: text deltas that never split a multi-byte character.
+
+Each step decodes only a short window of recent tokens (prefix_offset..end) and emits the part
+beyond what the window's first half (prefix_offset..read_offset) already decoded to. A window
+ending in U+FFFD means an incomplete UTF-8 sequence: wait for more tokens.
+"""
+from dataclasses import dataclass
+
+CONTEXT_TOKENS = 5   # prompt tokens decoded before the first output token, so a leading space survives
+
+
+@dataclass
+class DetokenizerState:
+    prefix_offset: int
+    read_offset: int
+    text: str = ""          # all output text so far (stop strings applied by the engine)
+
+
+def new_state(num_prompt_tokens: int) -> DetokenizerState:
+    return DetokenizerState(max(0, num_prompt_tokens - CONTEXT_TOKENS), num_prompt_tokens)
+
+
+def decode_delta(tokenizer, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True) -> str:
+    """Text added by the tokens past state.read_offset (all of token_ids is prompt + output)."""
+    prefix = tokenizer.decode(token_ids[state.prefix_offset:state.read_offset],
+                              skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(token_ids[state.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""
+    state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
+    return full[len(prefix):]

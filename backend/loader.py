@@ -1,0 +1,78 @@
+"""Hugging Face checkpoint directory -> our model, weights straight onto the target device."""
+import contextlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from backend.models.llama import LlamaArgs, LlamaForCausalLM, rope_cos_sin_cache
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def load_model(hf_config: dict, model_dir: str, device: torch.device, dtype: torch.dtype,
+               max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    args = LlamaArgs.from_hf(hf_config)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(args)
+    if load_format == "dummy":
+        _init_dummy(model, seed)
+    else:
+        _load_safetensors(model, model_dir, device)
+    # RoPE angles stay fp32 whatever the weights' dtype.
+    model.cos_sin_cache = rope_cos_sin_cache(args, max(max_model_len, args.max_position)).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _load_safetensors(model, model_dir, device):
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name not in params:
+                    if "rotary_emb" in name:
+                        continue
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+                param = params[name]
+                tensor = f.get_tensor(name)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(param.shape)}")
+                param.data.copy_(tensor)
+                loaded.add(name)
+    if model.args.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _init_dummy(model, seed):
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.uniform_(-0.02, 0.02, generator=gen)

@@ -1,0 +1,108 @@
+"""ModelRunner: owns the model and the KV pool; turns a scheduled step into tensors, runs it, samples."""
+import torch
+
+from backend.config import EngineConfig
+from backend.loader import load_model
+from backend.models.llama import AttentionMetadata
+from backend.sampler import Sampler
+from backend.scheduler import SchedulerOutput
+from backend.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: dict, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.block_size = config.block_size
+        self.model = load_model(hf_config, config.model, device, dtype, max_model_len, config.load_format,
+                                config.seed)
+        self.max_model_len = max_model_len
+        self.num_blocks = self._num_kv_blocks()
+        a = self.model.args
+        # One tensor for the whole pool: [k|v, layer, block, slot in block, kv head, head dim].
+        self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
+        self.sampler = Sampler(device, config.seed)
+
+    def kv_block_bytes(self) -> int:
+        a = self.model.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override
+        if self.device.type == "cpu":
+            return max(1, int(self.config.cpu_kvcache_space_gb * 2**30) // self.kv_block_bytes())
+        return self._profile_gpu_blocks()
+
+    def _profile_gpu_blocks(self) -> int:
+        """Run one forward at max_num_batched_tokens to learn peak activation memory, then give the
+        rest of gpu_memory_utilization's share of the card to KV blocks."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        a = self.model.args
+        blocks = -(-n // self.block_size)
+        cache = torch.zeros(2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim,
+                            dtype=self.dtype, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device), max_query_len=n)
+        with torch.inference_mode():
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
+                                torch.arange(n, device=self.device),
+                                [(cache[0, i], cache[1, i]) for i in range(a.num_layers)], meta)
+            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del cache, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = total * self.config.gpu_memory_utilization - in_use_by_others - peak
+        num_blocks = int(budget // self.kv_block_bytes())
+        if num_blocks < 1:
+            raise ValueError("parameter 'gpu_memory_utilization' leaves no room for the KV cache "
+                             f"(model and activations need {peak / 2**30:.1f} GiB)")
+        return num_blocks
+
+    def prepare(self, out: SchedulerOutput):
+        input_ids, positions, slots, seq_lens, starts = [], [], [], [], [0]
+        logits_indices, sample_seqs = [], []
+        bs = self.block_size
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            c = seq.num_computed_tokens
+            input_ids += seq.token_ids[c:c + n]
+            positions += range(c, c + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
+            seq_lens.append(c + n)
+            starts.append(starts[-1] + n)
+            if c + n == seq.num_tokens:     # the prompt is complete: this step yields a token
+                logits_indices.append(starts[-1] - 1)
+                sample_seqs.append(seq)
+        width = max(len(s.block_table) for s in out.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in out.seqs]
+        dev = self.device
+
+        def tensor(x, dtype=torch.int32):
+            return torch.tensor(x, dtype=dtype, device=dev)
+
+        meta = AttentionMetadata(slot_mapping=tensor(slots, torch.long), block_tables=tensor(tables),
+                                 seq_lens=tensor(seq_lens), query_start_loc=tensor(starts),
+                                 max_query_len=max(out.num_new_tokens))
+        return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
+                tensor(logits_indices, torch.long), sample_seqs)
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput, stop_ids) -> tuple[list[Sequence], list[int]]:
+        """Forward every scheduled token; sample for the sequences whose prompt is now complete."""
+        input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_seqs:
+            return [], []
+        logits = self.model.compute_logits(hidden[logits_indices])
+        return sample_seqs, self.sampler(logits, sample_seqs, [stop_ids(s) for s in sample_seqs])

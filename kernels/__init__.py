@@ -1,0 +1,11 @@
+"""Hot-path ops. Each op file holds a torch reference (`*_ref`) and, where written, an OpenAI-Triton
+kernel; the public function picks the kernel on CUDA and the reference elsewhere (or when
+LLM_KERNELS=reference is set), so callers never know which ran."""
+from kernels.dispatch import use_triton
+from kernels.paged_attention import paged_attention
+from kernels.store_kvcache import store_kvcache
+from kernels.rms_norm import rms_norm
+from kernels.rotary import rotary_embedding
+from kernels.activation import silu_and_mul
+
+__all__ = ["use_triton", "paged_attention", "store_kvcache", "rms_norm", "rotary_embedding", "silu_and_mul"]

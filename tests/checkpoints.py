@@ -1,0 +1,56 @@
+"""Tiny random-weight Hugging Face checkpoints for tests (no hub: everything is built locally)."""
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "tools", "data", "tinyshakespeare.txt")
+FALLBACK = "To be, or not to be, that is the question. Héllo wörld, ça va? 日本語のテキスト 🙂 " * 50
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=True, head_dim=16)),
+}
+
+
+def train_tokenizer(vocab_size=384):
+    """A byte-level BPE tokenizer with <s> (bos, prepended) and </s> (eos), trained in a second."""
+    text = open(CORPUS).read()[:200_000] if os.path.exists(CORPUS) else ""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text, FALLBACK], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny_checkpoint(path, arch="llama", seed=0, **overrides):
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json to path."""
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    tokenizer = train_tokenizer()
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              bos_token_id=0, eos_token_id=1, rope_theta=10000.0)
+    kw.update(extra)
+    kw.update(overrides)
+    if arch == "qwen2":
+        kw.setdefault("use_sliding_window", False)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():  # random init is too flat to tell bugs apart: widen it
+        for p in model.parameters():
+            if p.dim() >= 1:
+                p.normal_(0, 0.08)
+    for name, module in model.named_modules():
+        if name.endswith("norm") or name.endswith("layernorm"):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    GenerationConfig(bos_token_id=0, eos_token_id=1).save_pretrained(path)
+    return path
