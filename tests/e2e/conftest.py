@@ -1,0 +1,24 @@
+"""End-to-end fixtures: a tiny random checkpoint and a tritonserver serving it (see harness.py)."""
+import pytest
+
+from .harness import Server, make_model_repository
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from tests.checkpoints import make_tiny_checkpoint
+    # Long context so that a request can run for a few seconds (cancellation, shutdown tests).
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llama")), arch="llama",
+                                max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model):
+    base = tmp_path_factory.mktemp("server")
+    repo = make_model_repository(str(base / "model_repository"), tiny_model, num_gpu_blocks_override="2048")
+    srv = Server(repo, str(base / "tritonserver.log")).start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

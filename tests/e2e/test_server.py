@@ -1,0 +1,307 @@
+"""End-to-end tests against a real tritonserver (HTTP generate / generate_stream, gRPC streaming)."""
+import json
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from .harness import MODEL_NAME, REPO, Server, make_model_repository
+
+PROMPT = "The capital of France is"
+HTTP_TIMEOUT = 60
+
+
+def generate(server, body, stream=False):
+    url = f"{server.http_url}/v2/models/{MODEL_NAME}/{'generate_stream' if stream else 'generate'}"
+    return requests.post(url, json=body, timeout=HTTP_TIMEOUT, stream=stream)
+
+
+def sse_events(response):
+    """The JSON objects of a generate_stream response (one per `data:` line)."""
+    events = []
+    for line in response.iter_lines(decode_unicode=False):
+        if line.startswith(b"data:"):
+            events.append(json.loads(line[len(b"data:"):].decode("utf-8")))
+    return events
+
+
+def greedy(prompt, max_tokens=16, **extra):
+    return {"text_input": prompt, "exclude_input_in_output": True,
+            "parameters": {"temperature": 0, "max_tokens": max_tokens, **extra}}
+
+
+def grpc_stream(server, prompt, sampling, cancel_after=None, request_id="1"):
+    """Stream one request over gRPC; returns (list of text deltas, error or None, final seen)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+
+    def tensor(name, value, dtype):
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        return t
+
+    inputs = [tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+              tensor("stream", np.array([True]), "BOOL"),
+              tensor("exclude_input_in_output", np.array([True]), "BOOL"),
+              tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES")]
+    deltas, error, final = [], None, False
+    try:
+        client.async_stream_infer(MODEL_NAME, inputs, request_id=request_id, enable_empty_final_response=True)
+        while True:
+            result, err = results.get(timeout=HTTP_TIMEOUT)
+            if err is not None:
+                error = err
+                break
+            response = result.get_response()
+            out = result.as_numpy("text_output")
+            if out is not None:
+                deltas.extend(x.decode("utf-8") for x in out.reshape(-1))
+            if response.parameters["triton_final_response"].bool_param:
+                final = True
+                break
+            if cancel_after is not None and len(deltas) >= cancel_after:
+                client.stop_stream(cancel_requests=True)
+                try:  # the cancelled request's last word, if it comes
+                    result, err = results.get(timeout=2)
+                    error = err
+                except queue.Empty:
+                    pass
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return deltas, error, final
+
+
+# ------------------------------------------------------------------------------ HTTP generate
+
+def test_generate_greedy(server):
+    r = generate(server, {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": 16}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == MODEL_NAME
+    text = body["text_output"]
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)  # prompt prepended by default
+    again = generate(server, {"text_input": PROMPT, "parameters": {"temperature": 0, "max_tokens": 16}})
+    assert again.json()["text_output"] == text  # greedy is deterministic
+
+    r = generate(server, greedy(PROMPT))
+    assert r.status_code == 200, r.text
+    assert PROMPT + r.json()["text_output"] == text
+
+
+def test_generate_extra_outputs(server):
+    body = greedy(PROMPT, max_tokens=12, ignore_eos=True)
+    body.update(return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True)
+    r = generate(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["finish_reason"] == "length"
+    assert out["num_output_tokens"] == 12
+    assert out["num_input_tokens"] > 0
+
+
+def test_generate_stream_matches_generate(server):
+    whole = generate(server, greedy(PROMPT, max_tokens=24)).json()["text_output"]
+    body = greedy(PROMPT, max_tokens=24)
+    body.update(stream=True, return_finish_reason=True, return_num_output_tokens=True)
+    r = generate(server, body, stream=True)
+    assert r.status_code == 200
+    events = sse_events(r)
+    assert events and not any("error" in e for e in events), events
+    assert "".join(e["text_output"] for e in events) == whole
+    assert events[-1]["finish_reason"] in ("stop", "length")
+    assert all(e["finish_reason"] == "" for e in events[:-1])
+    assert sum(e["num_output_tokens"] for e in events) >= 1
+
+
+def test_generate_stream_without_stream_flag_gives_one_response(server):
+    r = generate(server, greedy(PROMPT, max_tokens=8), stream=True)
+    events = sse_events(r)
+    assert len(events) == 1 and "text_output" in events[0], events
+
+
+def test_sampling_parameters_tensor(server):
+    """The vLLM backend's way: sampling parameters as one JSON string input."""
+    sampling = json.dumps({"temperature": 0, "max_tokens": 10, "ignore_eos": True})
+    r = generate(server, {"text_input": PROMPT, "sampling_parameters": sampling,
+                          "exclude_input_in_output": True, "return_num_output_tokens": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_output_tokens"] == 10
+    assert r.json()["text_output"] == generate(server, greedy(PROMPT, max_tokens=10, ignore_eos=True)).json()[
+        "text_output"]
+
+
+def test_stop_strings(server):
+    whole = generate(server, greedy(PROMPT, max_tokens=30, ignore_eos=True)).json()["text_output"]
+    stop = whole[5:8]
+    cut = whole[:whole.find(stop)]
+    r = generate(server, {"text_input": PROMPT, "exclude_input_in_output": True,
+                          "sampling_parameters": json.dumps({"temperature": 0, "max_tokens": 30, "stop": [stop]}),
+                          "return_finish_reason": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["text_output"] == cut
+    assert r.json()["finish_reason"] == "stop"
+
+
+# ------------------------------------------------------------------------------ the seed's requests
+
+def test_seed_request(server):
+    r = requests.post(f"{server.http_url}/v2/models/{MODEL_NAME}/generate", timeout=HTTP_TIMEOUT,
+                      data='{"prompt": "The capital of France is", "n": 1, "use_beam_search": false, '
+                           '"temperature": 0.7, "max_tokens": 10}')
+    assert r.status_code == 200, r.text
+    assert r.json()["text_output"].startswith(PROMPT)
+
+
+@pytest.mark.parametrize("field,value", [("n", 2), ("use_beam_search", True)])
+def test_seed_request_unsupported(server, field, value):
+    body = {"prompt": PROMPT, "n": 1, "use_beam_search": False, "temperature": 0.7, "max_tokens": 10}
+    body[field] = value
+    r = generate(server, body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]
+
+
+def test_numbers_as_strings(server):
+    r = generate(server, {"prompt": PROMPT, "max_tokens": "10", "temperature": "0", "ignore_eos": "true",
+                          "exclude_input_in_output": True, "return_num_output_tokens": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_output_tokens"] == 10
+    assert r.json()["text_output"] == generate(server, greedy(PROMPT, max_tokens=10, ignore_eos=True)).json()[
+        "text_output"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": PROMPT, "temperature": "abc"}, "temperature"),
+    ({"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ({"prompt": PROMPT, "top_p": 2}, "top_p"),
+    ({"prompt": PROMPT, "sampling_parameters": "{not json"}, "sampling_parameters"),
+    ({"prompt": PROMPT, "sampling_parameters": "[1]"}, "sampling_parameters"),
+    ({"temperature": 0}, "text_input"),
+    ({"prompt": PROMPT, "stream": True, "exclude_input_in_output": False}, "exclude_input_in_output"),
+    ({"prompt": "x" * 20000}, "max_model_len"),
+])
+def test_bad_request(server, body, field):
+    r = generate(server, body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"], r.json()
+    # ... and on the stream endpoint the error arrives as an event
+    events = sse_events(generate(server, body, stream=True))
+    assert len(events) == 1 and field in events[0].get("error", ""), events
+
+
+# ------------------------------------------------------------------------------ gRPC
+
+def test_grpc_streaming(server):
+    whole = generate(server, greedy(PROMPT, max_tokens=24)).json()["text_output"]
+    deltas, error, final = grpc_stream(server, PROMPT, {"temperature": 0, "max_tokens": 24})
+    assert error is None and final
+    assert "".join(deltas) == whole
+
+
+def test_grpc_cancel(server):
+    deltas, error, final = grpc_stream(server, PROMPT, {"temperature": 0, "max_tokens": 4000, "ignore_eos": True},
+                                       cancel_after=3, request_id="to-cancel")
+    assert not final and len(deltas) >= 3
+    deadline = time.monotonic() + 10
+    while "to-cancel cancelled" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "to-cancel cancelled" in server.log()
+    # the server goes on serving
+    r = generate(server, greedy(PROMPT, max_tokens=4))
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------ concurrency
+
+def test_concurrent_requests_match_sequential(server):
+    prompts = [f"{PROMPT} {i}: " + "to be or not " * (i % 5) for i in range(20)]
+    bodies = [greedy(p, max_tokens=8 + 3 * (i % 7)) for i, p in enumerate(prompts)]
+    alone = [generate(server, b).json()["text_output"] for b in bodies]
+
+    def run(i):
+        if i % 2:  # half of them streamed
+            events = sse_events(generate(server, dict(bodies[i], stream=True), stream=True))
+            assert not any("error" in e for e in events), events
+            return "".join(e["text_output"] for e in events)
+        r = generate(server, bodies[i])
+        assert r.status_code == 200, r.text
+        return r.json()["text_output"]
+
+    barrier = threading.Barrier(len(bodies))
+
+    def run_together(i):
+        barrier.wait(timeout=30)
+        return run(i)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(run_together, range(len(bodies))))
+    assert together == alone
+
+
+# ------------------------------------------------------------------------------ other servers
+
+def test_bad_config_parameter_fails_load(tmp_path, tiny_model):
+    repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, block_size="abc")
+    srv = Server(repo, str(tmp_path / "tritonserver.log")).start()
+    try:
+        rc = srv.wait_exit(timeout=120)  # the only model fails to load: the server exits
+        assert rc is not None and rc != 0, "tritonserver should exit when the model fails to load"
+        log = srv.log()
+        assert "block_size" in log and "failed to load" in log, log[-5000:]
+    finally:
+        srv.stop()
+
+
+def test_shutdown_with_requests_in_flight(tmp_path, tiny_model):
+    repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, num_gpu_blocks_override="2048")
+    srv = Server(repo, str(tmp_path / "tritonserver.log")).start()
+    try:
+        srv.wait_ready()
+        results = []
+        body = greedy(PROMPT, max_tokens=4000, ignore_eos=True)
+        threads = [threading.Thread(target=lambda: results.append(
+            sse_events(generate(srv, dict(body, stream=True), stream=True)))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        rc = srv.stop(timeout=60)
+        assert time.monotonic() - t0 < 30
+        for t in threads:
+            t.join(timeout=30)
+        assert rc == 0, srv.log()[-5000:]
+        assert "llm: shutting down" in srv.log()
+        assert len(results) == 4  # every client got an answer (completion or an error), none hung
+    finally:
+        srv.stop()
+
+
+DEFAULT_MODEL = os.path.join(REPO, "model_repository", MODEL_NAME, "tiny-shakespeare")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")),
+                    reason="the default model (model_repository/llm/tiny-shakespeare) is not trained yet")
+def test_default_model_repository(tmp_path):
+    """The repository exactly as `make serve` serves it."""
+    srv = Server(os.path.join(REPO, "model_repository"), str(tmp_path / "tritonserver.log")).start()
+    try:
+        srv.wait_ready()
+        r = generate(srv, {"prompt": "ROMEO:", "temperature": 0, "max_tokens": 32})
+        assert r.status_code == 200, r.text
+        assert r.json()["text_output"].startswith("ROMEO:")
+        events = sse_events(generate(srv, {"prompt": "ROMEO:", "temperature": 0, "max_tokens": 32,
+                                           "exclude_input_in_output": True, "stream": True}, stream=True))
+        assert "ROMEO:" + "".join(e["text_output"] for e in events) == r.json()["text_output"]
+    finally:
+        assert srv.stop() == 0

@@ -1,0 +1,54 @@
+"""Shared test helpers: build an engine, and the HF transformers greedy reference."""
+import functools
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from backend.config import EngineConfig
+from backend.engine import LLMEngine
+from backend.sampling_params import SamplingParams
+
+
+def make_engine(model_path, **params):
+    params = {"model": model_path, "device": "cpu", **{k: str(v) for k, v in params.items()}}
+    return LLMEngine(EngineConfig.from_parameters(params))
+
+
+@functools.lru_cache(maxsize=8)
+def hf_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path, prompt_ids, max_new_tokens):
+    """HF transformers greedy continuation (attention_mask explicit: token 0 is also a pad id here)."""
+    ids = torch.tensor([prompt_ids])
+    out = hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def greedy(max_tokens=12, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def prompt_set(n=8, vocab=300, seed=0):
+    """n prompts of different lengths (1 to ~70 tokens, crossing block boundaries)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 5, 16, 17, 31, 33, 48, 70, 9, 24][:n] + [3 + 7 * i for i in range(max(0, n - 10))]
+    return [torch.randint(2, vocab, (n_,), generator=g).tolist() for n_ in lengths]
+
+
+def run_staggered(engine, prompts, params, every=2):
+    """Submit one prompt every `every` steps while earlier ones are running; final outputs in order."""
+    pending = list(enumerate(prompts))
+    final, ids, step = {}, {}, 0
+    while pending or engine.has_unfinished():
+        if pending and step % every == 0:
+            i, p = pending.pop(0)
+            ids[i] = f"s{i}"
+            engine.add_request(ids[i], "", params, prompt_token_ids=p)
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        step += 1
+    return [final[ids[i]] for i in range(len(prompts))]
