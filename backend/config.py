@@ -18,6 +18,8 @@ class EngineConfig:
     device: str = "auto"                   # auto: cuda when available, else cpu
     seed: int = 0
     load_format: str = "auto"              # auto: safetensors; dummy: random weights for config.json
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
 
     DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -61,6 +63,7 @@ class EngineConfig:
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "must be auto, cpu or cuda[:N]")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
 
     def hf_config(self) -> dict:
         with open(os.path.join(self.model, "config.json")) as f:
@@ -70,6 +73,12 @@ class EngineConfig:
 def _convert(key, value, typ):
     typ = {"int": int, "float": float, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
     try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return str(value).lower() in ("true", "1")
         if typ is int:
             as_float = float(value)
             if as_float != int(as_float):

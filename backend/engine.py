@@ -9,34 +9,24 @@ import logging
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
 
+from backend import beam_search
 from backend.block_manager import BlockManager, cdiv
 from backend.config import EngineConfig
 from backend.detokenizer import decode_delta, new_state
 from backend.model_runner import ModelRunner
+from backend.outputs import RequestOutput, SampleOutput
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
-from backend.sequence import Sequence
+from backend.sequence import Sequence, SequenceGroup, SequenceStatus
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str
-    new_text: str                 # text added since the previous output of this request
-    text: str                     # all output text so far (prompt excluded)
-    token_ids: list[int]          # output token ids so far
-    num_prompt_tokens: int
-    finished: bool
-    finish_reason: str | None = None   # "stop", "length", "abort"
-    error: str | None = None
+OutputCallback = Callable[[RequestOutput], None]
 
 
 class LLMEngine:
@@ -45,16 +35,15 @@ class LLMEngine:
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
         hf_config = config.hf_config()
-        model_max = hf_config.get("max_position_embeddings", 4096)
-        self.max_model_len = config.max_model_len or model_max
+        self.max_model_len = config.max_model_len or hf_config.get("max_position_embeddings", 4096)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
         self.runner = ModelRunner(config, hf_config, self.device, self.dtype, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self._callbacks: dict[str, Callable[[RequestOutput], None] | None] = {}
-        self._seqs: dict[str, Sequence] = {}
-        self._inbox: deque = deque()          # ("add", seq) / ("abort", request_id), from any thread
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
+        self._groups: dict[str, SequenceGroup] = {}
+        self._inbox: deque = deque()          # ("add", group) / ("abort", request_id), from any thread
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -63,34 +52,44 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str, params: SamplingParams,
-                    on_output: Callable[[RequestOutput], None] | None = None,
-                    prompt_token_ids: list[int] | None = None) -> Sequence:
-        if prompt_token_ids is None:
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        if not prompt_token_ids:
-            raise ValueError("'text_input' is empty: the prompt needs at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"'text_input' has {len(prompt_token_ids)} tokens; max_model_len is "
-                             f"{self.max_model_len}, which must leave room for at least one output token")
-        lifetime = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
-        if cdiv(lifetime, self.block_manager.block_size) > self.block_manager.num_blocks:
-            raise ValueError(f"the request needs up to {lifetime} tokens of KV cache, more than the whole pool "
-                             f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens); "
-                             "lower 'max_tokens' or give the engine a larger KV cache")
-        seq = Sequence(request_id, prompt, prompt_token_ids, params)
+                    on_output: OutputCallback | None = None, prompt_token_ids: list[int] | None = None) -> None:
+        """Validate and queue a request; raises ValueError (naming the field) for a bad one."""
+        ids = self.tokenizer.encode(prompt) if prompt_token_ids is None else list(prompt_token_ids)
+        self._check_fits(ids, params)
+        seq = Sequence(request_id, prompt, ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq.detok = new_state(len(prompt_token_ids))
+        seq.detok = new_state(len(ids))
         with self._wakeup:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
-            self._inbox.append(("add", seq, on_output))
+            if request_id in self._groups or any(g.request_id == request_id for _, g in self._inbox_adds()):
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._inbox.append(("add", SequenceGroup(seq, on_output)))
             self._wakeup.notify()
-        return seq
+
+    def _inbox_adds(self):
+        return [item for item in list(self._inbox) if item[0] == "add"]
+
+    def _check_fits(self, ids: list[int], params: SamplingParams):
+        if not ids:
+            raise ValueError("'text_input' is empty: the prompt needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"'text_input' has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one output token")
+        width = max(params.n, params.beam_width)
+        if width > min(self.config.max_num_seqs, self.config.max_num_batched_tokens):
+            raise ValueError(f"'n' ({width}) exceeds max_num_seqs or max_num_batched_tokens of the engine")
+        lifetime_blocks = cdiv(min(len(ids) + params.max_tokens, self.max_model_len), self.config.block_size)
+        # Beams advance in lockstep, so all of them must fit in the pool at once.
+        if lifetime_blocks * (params.beam_width if params.use_beam_search else 1) > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs up to {lifetime_blocks} KV blocks per sequence, more than the pool "
+                             f"holds ({self.block_manager.num_blocks}); lower 'max_tokens' or give the engine a "
+                             "larger KV cache")
 
     def abort(self, request_id: str):
         with self._wakeup:
-            self._inbox.append(("abort", request_id, None))
+            self._inbox.append(("abort", request_id))
             self._wakeup.notify()
 
     def has_unfinished(self) -> bool:
@@ -98,87 +97,194 @@ class LLMEngine:
 
     # ---- one iteration --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self._drain_inbox()
+        touched = self._drain_inbox()
         out = self.scheduler.schedule()
-        if not out:
-            return self._deliver(outputs)
-        seqs, tokens = self.runner.run(out, self._stop_ids_while_min_tokens)
-        self.scheduler.advance(out)
-        for seq, token in zip(seqs, tokens):
-            outputs.append(self._append_token(seq, token))
-        return self._deliver(outputs)
+        if out:
+            sample_seqs, logits = self.runner.run(out)
+            self.scheduler.advance(out)
+            touched += self._process(sample_seqs, logits)
+        return self._deliver(touched)
 
-    def _drain_inbox(self) -> list[RequestOutput]:
-        outputs = []
+    def _drain_inbox(self) -> list[SequenceGroup]:
+        aborted = []
         while self._inbox:
-            kind, item, callback = self._inbox.popleft()
+            kind, item = self._inbox.popleft()
             if kind == "add":
-                self._seqs[item.request_id] = item
-                self._callbacks[item.request_id] = callback
-                self.scheduler.add(item)
-            elif item in self._seqs:
-                seq = self._seqs[item]
-                self.scheduler.finish(seq, "abort")
-                outputs.append(self._output(seq, ""))
-        return outputs
+                self._groups[item.request_id] = item
+                self.scheduler.add(item.seqs[0])
+            elif item in self._groups:
+                group = self._groups[item]
+                for seq in group.live():
+                    self.scheduler.finish(seq, "abort")
+                aborted.append(group)
+        return aborted
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _process(self, sample_seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceGroup]:
+        """Turn the step's logits into tokens: plain sampling, first-token forks for n > 1, beam steps."""
+        rows, row_seqs, beams, touched = [], [], {}, []
+        for row, seq in enumerate(sample_seqs):
+            group = seq.group
+            if group.is_beam:
+                beams.setdefault(group, []).append((row, seq))
+                continue
+            if not group.forked and group.params.n > 1:
+                for child in self._fork_samples(seq):
+                    rows.append(row)
+                    row_seqs.append(child)
+            rows.append(row)
+            row_seqs.append(seq)
+            if not touched or touched[-1] is not group:
+                touched.append(group)
+        if rows:
+            tokens = self.runner.sampler(logits[rows], row_seqs, [self._masked_ids(s) for s in row_seqs])
+            for seq, token in zip(row_seqs, tokens):
+                self._append_token(seq, token)
+        for group, items in beams.items():
+            if self._beam_step(group, items, logits):
+                touched.append(group)
+        return list(dict.fromkeys(touched))
+
+    def _fork_samples(self, parent: Sequence) -> list[Sequence]:
+        """Split a request into its n samples when its prompt is done: they share the prompt's blocks."""
+        group = parent.group
+        group.forked = True
+        children = []
+        for i in range(1, group.params.n):
+            child = parent.fork(i)
+            self.block_manager.fork(parent, child)
+            if group.params.seed is not None:
+                child.generator = torch.Generator(device=self.device).manual_seed(group.params.seed + i)
+            group.seqs.append(child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _append_token(self, seq: Sequence, token: int):
         seq.token_ids.append(token)
         p = seq.params
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            if seq.num_output_tokens > p.min_tokens or token in p.stop_token_ids:
-                reason = "stop"
+            reason = "stop"
         state = seq.detok
         old_len = len(state.text)
         state.text += decode_delta(self.tokenizer, seq.token_ids, state, p.skip_special_tokens)
-        if p.stop and reason is None and seq.num_output_tokens > p.min_tokens - 1:
+        if reason is None and p.stop:
             reason = self._apply_stop_strings(seq, old_len)
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        # While a stop string could still be forming at the end, hold those characters back.
-        hold = 0 if reason or not p.stop else max(map(len, p.stop)) - 1
-        sendable = len(state.text) - hold
-        sent = getattr(seq, "num_sent_chars", 0)
-        new_text = state.text[sent:sendable] if sendable > sent else ""
-        seq.num_sent_chars = max(sent, sendable)
-        return self._output(seq, new_text)
 
     def _apply_stop_strings(self, seq: Sequence, old_len: int) -> str | None:
         text, p = seq.detok.text, seq.params
+        if seq.num_output_tokens <= p.min_tokens - 1:
+            return None
         start = max(0, old_len - max(map(len, p.stop)) + 1)
-        hits = [(text.find(s, start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in p.stop) if i >= 0]
         if not hits:
             return None
         i, s = min(hits)
         seq.detok.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
         return "stop"
 
-    def _stop_ids_while_min_tokens(self, seq: Sequence) -> set[int]:
+    def _masked_ids(self, seq: Sequence) -> set[int]:
+        """Token ids that may not be drawn yet (stop ids before min_tokens)."""
         p = seq.params
         if seq.num_output_tokens >= p.min_tokens:
             return set()
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
 
-    def _output(self, seq: Sequence, new_text: str) -> RequestOutput:
-        sent = getattr(seq, "num_sent_chars", 0)
-        return RequestOutput(seq.request_id, seq.prompt, new_text, seq.detok.text[:sent], seq.output_token_ids,
-                             seq.num_prompt_tokens, seq.is_finished, seq.finish_reason)
+    def _beam_step(self, group: SequenceGroup, items: list[tuple[int, Sequence]], logits) -> bool:
+        live = group.live()
+        if len(items) < len(live):
+            # Not every beam reached this step (chunked recompute after preemption): let the early ones
+            # recompute their last token next step, so that the beams advance together.
+            for _, seq in items:
+                seq.num_computed_tokens -= 1
+            return False
+        row_of = {id(seq): row for row, seq in items}
+        logprobs = torch.log_softmax(logits[[row_of[id(s)] for s in live]], dim=-1)
+        eos = set() if group.params.ignore_eos else self.eos_token_ids
+        length_before = live[0].num_output_tokens
+        chosen = beam_search.select_beams(group, logprobs, eos)
+        # Fork first (a fork copies its parent's tokens as they are), then append.
+        next_beams, used = [], set()
+        for parent, token, score in chosen:
+            seq = parent if id(parent) not in used else self._fork_beam(parent)
+            used.add(id(parent))
+            next_beams.append((seq, token, score))
+        for seq in live:
+            if id(seq) not in used:
+                self.scheduler.finish(seq, "dropped")
+                group.seqs.remove(seq)
+        for seq, token, score in next_beams:
+            seq.token_ids.append(token)
+            seq.cum_logprob = score
+        group.forked = True
+        p = group.params
+        at_limit = length_before + 1 >= p.max_tokens or live[0].num_tokens >= self.max_model_len
+        if at_limit or not next_beams:
+            for seq, _, _ in next_beams:
+                beam_search.add_hypothesis(group, seq, None, seq.cum_logprob)
+            self._finish_beams(group, "length" if at_limit else "stop")
+            return True
+        if beam_search.is_done(group, max(s for _, _, s in next_beams), length_before):
+            self._finish_beams(group, "stop")
+            return True
+        return False
 
-    def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        for o in outputs:
-            callback = self._callbacks.get(o.request_id)
+    def _fork_beam(self, parent: Sequence) -> Sequence:
+        group = parent.group
+        child = parent.fork(len(group.seqs))
+        self.block_manager.fork(parent, child)
+        group.seqs.append(child)
+        self.scheduler.add_running(child)
+        return child
+
+    def _finish_beams(self, group: SequenceGroup, reason: str):
+        for seq in group.live():
+            self.scheduler.finish(seq, reason)
+        hyps = [seq for _, seq in group.beam_hyps[:group.params.n]]
+        for i, seq in enumerate(hyps):
+            seq.index, seq.finish_reason = i, reason
+            seq.status = SequenceStatus.FINISHED
+            seq.detok.text = self.tokenizer.decode(seq.output_token_ids,
+                                                   skip_special_tokens=group.params.skip_special_tokens)
+            seq.num_sent_chars = 0
+        group.seqs = hyps
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _request_output(self, group: SequenceGroup) -> RequestOutput:
+        finished = group.finished
+        if group.is_beam and not finished:
+            samples = []   # beams are reordered every step: only the final ranking is output
+        else:
+            samples = [self._sample_output(seq) for seq in sorted(group.seqs, key=lambda s: s.index)]
+        first = group.seqs[0]
+        return RequestOutput(group.request_id, first.prompt, first.num_prompt_tokens, samples, finished, group.error)
+
+    def _sample_output(self, seq: Sequence) -> SampleOutput:
+        text = seq.detok.text
+        # While a stop string could still be forming at the end, hold those characters back.
+        hold = 0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        sendable = max(seq.num_sent_chars, len(text) - hold)
+        new_text = text[seq.num_sent_chars:sendable]
+        seq.num_sent_chars = sendable
+        return SampleOutput(seq.index, new_text, text[:sendable], seq.output_token_ids, seq.finish_reason,
+                            seq.cum_logprob if seq.params.use_beam_search else None)
+
+    def _deliver(self, groups: list[SequenceGroup]) -> list[RequestOutput]:
+        outputs = []
+        for group in groups:
+            o = self._request_output(group)
+            outputs.append(o)
             if o.finished:
-                self._callbacks.pop(o.request_id, None)
-                self._seqs.pop(o.request_id, None)
-            if callback is not None:
+                self._groups.pop(group.request_id, None)
+            if group.callback is not None:
                 try:
-                    callback(o)
+                    group.callback(o)
                 except Exception:   # a broken consumer must not stop the engine
-                    log.exception("output callback of request %s failed", o.request_id)
+                    log.exception("output callback of request %s failed", group.request_id)
         return outputs
 
     # ---- offline use ----------------------------------------------------------------------------
@@ -191,7 +297,7 @@ class LLMEngine:
             if isinstance(prompt, str):
                 self.add_request(rid, prompt, p)
             else:
-                self.add_request(rid, "", p, prompt_token_ids=list(prompt))
+                self.add_request(rid, "", p, prompt_token_ids=prompt)
             ids.append(rid)
         final = {}
         while self.has_unfinished():
@@ -218,15 +324,14 @@ class LLMEngine:
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {e!r}")
 
-    def _fail_all(self, error: str | None, reason: str = "abort"):
+    def _fail_all(self, error: str | None):
         self._drain_inbox()
-        outputs = []
-        for seq in list(self._seqs.values()):
-            self.scheduler.finish(seq, reason)
-            o = self._output(seq, "")
-            o.error = error
-            outputs.append(o)
-        self._deliver(outputs)
+        groups = list(self._groups.values())
+        for group in groups:
+            group.error = error
+            for seq in group.live():
+                self.scheduler.finish(seq, "abort")
+        self._deliver(groups)
 
     def shutdown(self):
         """Stop the loop; every request still in flight gets a final "abort" output."""

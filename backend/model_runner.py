@@ -97,12 +97,19 @@ class ModelRunner:
         return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
                 tensor(logits_indices, torch.long), sample_seqs)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]):
+        """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
+        if pairs:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*pairs))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, stop_ids) -> tuple[list[Sequence], list[int]]:
-        """Forward every scheduled token; sample for the sequences whose prompt is now complete."""
+    def run(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """Forward every scheduled token; logits [len(seqs), vocab] fp32 for the sequences whose
+        prompt is now complete (the ones that get a new token this step)."""
+        self.copy_blocks(out.block_copies)
         input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_seqs:
-            return [], []
-        logits = self.model.compute_logits(hidden[logits_indices])
-        return sample_seqs, self.sampler(logits, sample_seqs, [stop_ids(s) for s in sample_seqs])
+            return [], hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
+        return sample_seqs, self.model.compute_logits(hidden[logits_indices])

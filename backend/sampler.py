@@ -9,11 +9,11 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)   # requests without a seed
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> list[int]:
-        """logits [S, V] fp32, one row per sequence; stop_ids[i] are masked until min_tokens is reached."""
-        for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens and stop_ids[i]:
-                logits[i, list(stop_ids[i])] = float("-inf")
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> list[int]:
+        """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i."""
+        for i, ids in enumerate(masked_ids):
+            if ids:
+                logits[i, list(ids)] = float("-inf")
         tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:

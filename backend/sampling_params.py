@@ -29,6 +29,10 @@ class SamplingParams:
                    "logprobs": None, "prompt_logprobs": None}
 
     @property
+    def beam_width(self) -> int:
+        return max(self.n, self.best_of or 0) if self.use_beam_search else 1
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
@@ -54,9 +58,13 @@ class SamplingParams:
         def check(ok, name, what):
             if not ok:
                 raise ValueError(f"'{name}' {what}, got {getattr(self, name)!r}")
-        check(self.n == 1, "n", "> 1 is not supported yet (only n=1)")
-        check(not self.use_beam_search, "use_beam_search", "is not supported yet")
-        check(self.best_of in (None, 1), "best_of", "> 1 is not supported yet")
+        check(1 <= self.n <= 64, "n", "must be in [1, 64]")
+        if self.use_beam_search:
+            check(self.best_of is None or self.best_of >= self.n, "best_of", "must be >= n (the beam width)")
+            check(not self.stop, "stop", "is not supported with use_beam_search")
+            check(self.min_tokens == 0, "min_tokens", "is not supported with use_beam_search")
+        else:
+            check(self.best_of in (None, self.n), "best_of", "other than n needs use_beam_search")
         check(self.temperature >= 0, "temperature", "must be >= 0")
         check(self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive integer")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

@@ -1,12 +1,13 @@
 """Scheduler: each step fills a token budget, vLLM V1 style (no prefill/decode phases).
 
 Every sequence has num_computed_tokens; a step gives each running sequence the tokens it still
-lacks (1 for a decode, a chunk for an unfinished prompt), then admits waiting sequences while the
-budget, max_num_seqs and free blocks allow. A prompt longer than the budget is chunked across
-steps. When a running sequence needs a block and none is free, the latest-arrived running
-sequence is preempted (its blocks freed, recomputed later from the start).
+lacks (1 for a decode, a chunk for an unfinished prompt), then admits waiting sequences while
+the budget, max_num_seqs and free blocks allow, reusing cached prefix blocks. A prompt longer
+than the budget is chunked across steps. When a running sequence needs a block and none is
+free, the running sequence that comes last in scheduling order (lowest priority, latest
+arrival) is preempted: its blocks are freed and it is recomputed later from the start.
 """
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from backend.block_manager import BlockManager
@@ -18,6 +19,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)   # tokens computed for each seq this step
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst)
 
     @property
     def total_tokens(self) -> int:
@@ -28,16 +30,27 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.policy = policy
+        self.waiting: list[Sequence] = []      # kept in scheduling order
+        self.running: list[Sequence] = []      # kept in scheduling order; the last is the first victim
         self.num_preemptions = 0
 
+    def _key(self, seq: Sequence):
+        return seq.sort_key() if self.policy == "priority" else (0, seq.arrival)
+
     def add(self, seq: Sequence):
-        self.waiting.append(seq)
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=self._key)
+
+    def add_running(self, seq: Sequence):
+        """A sequence forked from a running one (it already shares its parent's blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=self._key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -45,11 +58,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        bm = self.block_manager
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            while not bm.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is seq:
@@ -58,19 +72,32 @@ class Scheduler:
                 self._schedule(seq, n, out)
                 budget -= n
                 i += 1
-        if out.preempted:  # the pool is short: admitting more would only thrash
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not out.preempted:  # when the pool is short, admitting more would only thrash
+            self._admit(budget, out)
+        out.block_copies, bm.pending_copies = bm.pending_copies, []
+        return out
+
+    def _admit(self, budget: int, out: SchedulerOutput):
+        bm = self.block_manager
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            if len(self.running) + seq.seats() > self.max_num_seqs:
                 break
-            self.waiting.popleft()
+            hits = bm.match_prefix(seq)
+            cached = min(len(hits) * bm.block_size, seq.num_tokens - 1)
+            n = min(seq.num_tokens - cached, budget)
+            free_hits = sum(1 for b in hits if bm.ref_counts[b] == 0)
+            total_blocks = -(-(cached + n) // bm.block_size)
+            if total_blocks - len(hits) + free_hits > bm.num_free_blocks:
+                break
+            self.waiting.pop(0)
+            seq.num_computed_tokens = bm.take_prefix(seq, hits)
+            if not bm.allocate(seq, seq.num_computed_tokens + n):
+                raise RuntimeError("block accounting error: admission check passed but allocation failed")
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=self._key)
             self._schedule(seq, n, out)
             budget -= n
-        return out
 
     def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput):
         out.seqs.append(seq)
@@ -79,24 +106,24 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput):
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.add(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
 
     def advance(self, out: SchedulerOutput):
-        """After the forward pass: the scheduled tokens are now in the cache."""
+        """After the forward pass: the scheduled tokens are in the cache; hash newly full blocks."""
         for seq, n in zip(out.seqs, out.num_new_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str):
+        """Finish seq wherever it is; its blocks go back to the pool at once."""
+        was = seq.status
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.block_manager.free(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+        queue = self.running if was == SequenceStatus.RUNNING else self.waiting if was == SequenceStatus.WAITING else []
+        for i, s in enumerate(queue):   # identity, not ==: forks compare equal to nothing else anyway
+            if s is seq:
+                del queue[i]
+                break

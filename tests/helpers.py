@@ -40,13 +40,14 @@ def prompt_set(n=8, vocab=300, seed=0):
 
 def run_staggered(engine, prompts, params, every=2):
     """Submit one prompt every `every` steps while earlier ones are running; final outputs in order."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
     pending = list(enumerate(prompts))
     final, ids, step = {}, {}, 0
     while pending or engine.has_unfinished():
         if pending and step % every == 0:
             i, p = pending.pop(0)
             ids[i] = f"s{i}"
-            engine.add_request(ids[i], "", params, prompt_token_ids=p)
+            engine.add_request(ids[i], "", params[i], prompt_token_ids=p)
         for o in engine.step():
             if o.finished:
                 final[o.request_id] = o

@@ -15,7 +15,8 @@ def test_sampling_params_from_strings():
 
 @pytest.mark.parametrize("bad, field", [
     ({"temperature": "abc"}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "1.5"}, "max_tokens"),
-    ({"top_p": 0}, "top_p"), ({"n": 2}, "n"), ({"use_beam_search": True}, "use_beam_search"),
+    ({"top_p": 0}, "top_p"), ({"n": 0}, "n"), ({"n": "65"}, "n"), ({"n": 2, "best_of": 3}, "best_of"),
+    ({"use_beam_search": True, "stop": "x"}, "stop"), ({"use_beam_search": "yes"}, "use_beam_search"),
     ({"ignore_eos": "maybe"}, "ignore_eos"), ({"stop": [1]}, "stop"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
 ])

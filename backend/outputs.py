@@ -1,0 +1,39 @@
+"""What the engine hands back: one RequestOutput per request per step in which it progressed."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleOutput:
+    index: int                    # which of the request's n samples (or beams, best first)
+    new_text: str                 # text added since this sample's previous output
+    text: str                     # all output text so far (prompt excluded)
+    token_ids: list[int]
+    finish_reason: str | None = None   # "stop", "length", "abort"
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str
+    num_prompt_tokens: int
+    samples: list[SampleOutput] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+
+    # n = 1 shorthands
+    @property
+    def new_text(self) -> str:
+        return self.samples[0].new_text if self.samples else ""
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text if self.samples else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.samples[0].token_ids if self.samples else []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.samples[0].finish_reason if self.samples else ("abort" if self.finished else None)
