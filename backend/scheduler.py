@@ -79,9 +79,10 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput):
         bm = self.block_manager
+        seats = sum(s.seats() for s in self.running)   # a request about to fork holds its samples' seats
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if len(self.running) + seq.seats() > self.max_num_seqs:
+            if seats + seq.seats() > self.max_num_seqs:
                 break
             hits = bm.match_prefix(seq)
             cached = min(len(hits) * bm.block_size, seq.num_tokens - 1)
@@ -95,6 +96,7 @@ class Scheduler:
             if not bm.allocate(seq, seq.num_computed_tokens + n):
                 raise RuntimeError("block accounting error: admission check passed but allocation failed")
             seq.status = SequenceStatus.RUNNING
+            seats += seq.seats()
             bisect.insort(self.running, seq, key=self._key)
             self._schedule(seq, n, out)
             budget -= n
