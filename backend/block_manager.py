@@ -66,16 +66,20 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False (and no change) if the pool is short."""
-        if self.blocks_needed(seq, num_tokens) > len(self.free_blocks):
+        grow = cdiv(num_tokens, self.block_size) - len(seq.block_table)
+        copy = self._needs_copy(seq)
+        if grow <= 0 and not copy:   # the common decode step: the last block has room
+            return True
+        if max(grow, 0) + copy > len(self.free_blocks):
             return False
-        if self._needs_copy(seq):
+        if copy:
             i = seq.num_computed_tokens // self.block_size
             src, dst = seq.block_table[i], self._take_free()
             self.ref_counts[src] -= 1
             self.ref_counts[dst] = 1
             seq.block_table[i] = dst
             self.pending_copies.append((src, dst))
-        for _ in range(cdiv(num_tokens, self.block_size) - len(seq.block_table)):
+        for _ in range(grow):
             block_id = self._take_free()
             self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)
@@ -135,6 +139,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        if full <= len(seq.block_hashes):
+            return
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             key = self._key(seq, i, parent)

@@ -78,7 +78,7 @@ def params_for(r):
     return SamplingParams(use_beam_search=True, n=r["n"], **common)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(request, min_size=1, max_size=16), st.integers(12, 48), st.sampled_from([4, 8, 16]),
        st.integers(3, 8), st.integers(3, 48), st.sampled_from(["fcfs", "priority"]), st.integers(0, 1000))
 def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_size, max_seqs, budget, policy, seed):

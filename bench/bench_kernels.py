@@ -1,0 +1,212 @@
+"""Kernel benchmarks on one CUDA GPU; prints markdown tables.
+
+    python3 bench/bench_kernels.py            # decode/prefill attention and the small ops vs torch
+    python3 bench/bench_kernels.py --sweep    # also time tile/split settings of the attention kernel
+
+Decode attention is reported as K/V bytes read / time against the device-to-device copy bandwidth
+(a 1 GiB torch copy, bytes read + written) and against torch SDPA on K/V already gathered into a dense
+tensor (gather not timed). Prefill is causal FLOPs (4 * Hq * D * n^2 / 2 per sequence) / time against
+torch SDPA on dense tensors. Shapes are Llama-3-8B's: 32 q heads, 8 kv heads, head_dim 128, bf16,
+block size 16. Times are medians of triton.testing.do_bench.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.activation import silu_and_mul_ref  # noqa: E402
+from kernels.paged_attention import _config, paged_attention_triton  # noqa: E402
+from kernels.rms_norm import rms_norm_ref  # noqa: E402
+from kernels.rotary import rotary_embedding_ref  # noqa: E402
+from kernels.store_kvcache import store_kvcache_ref  # noqa: E402
+
+DEV = torch.device("cuda")
+DT = torch.bfloat16
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def copy_tbps():
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    t = ms(lambda: y.copy_(x))
+    del x, y
+    return 2 * 2 ** 30 / (t * 1e-3) / 1e12
+
+
+def paged(batch, ctx, q_len, seed=0):
+    """batch sequences of ctx tokens each, the last q_len of them new; blocks shuffled over the pool."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    nb = batch * (ctx // BS)
+    k_cache = torch.randn(nb, BS, HKV, D, generator=g, device=DEV).to(DT)
+    v_cache = torch.randn(nb, BS, HKV, D, generator=g, device=DEV).to(DT)
+    tables = torch.randperm(nb, device=DEV, generator=g).int().view(batch, ctx // BS)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=DEV)
+    q = torch.randn(batch * q_len, HQ, D, generator=g, device=DEV).to(DT)
+    return q, k_cache, v_cache, tables, seq_lens, qsl
+
+
+def dense_kv(k_cache, v_cache, tables):
+    b, nblk = tables.shape
+    k = k_cache[tables.long()].view(b, nblk * BS, HKV, D).transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].view(b, nblk * BS, HKV, D).transpose(1, 2).contiguous()
+    return k, v
+
+
+def decode_rows(copy_bw):
+    rows = []
+    for batch in (1, 64, 256):
+        for ctx in (1024, 4096):
+            q, kc, vc, bt, sl, qsl = paged(batch, ctx, 1)
+            kv_bytes = 2 * batch * ctx * HKV * D * DT.itemsize
+            t = ms(lambda: kernels.paged_attention(q, kc, vc, bt, sl, qsl, D ** -0.5, 1))
+            t1 = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 1, num_segments=1))
+            segs = _config(1, HQ // HKV, D, batch, HKV, DEV)[-1]
+            k, v = dense_kv(kc, vc, bt)
+            qd = q.view(batch, HQ, 1, D)
+            try:
+                ts = ms(lambda: F.scaled_dot_product_attention(qd, k, v, scale=D ** -0.5, enable_gqa=True))
+            except Exception as e:  # noqa: BLE001
+                print("sdpa failed:", e)
+                ts = float("nan")
+            bw = lambda tt: kv_bytes / (tt * 1e-3) / 1e12  # noqa: E731
+            rows.append(f"| {batch} | {ctx} | {segs} | {t * 1e3:.1f} | {bw(t):.2f} | {100 * bw(t) / copy_bw:.0f}% "
+                        f"| {t1 * 1e3:.1f} ({bw(t1):.2f}) | {ts * 1e3:.1f} ({bw(ts):.2f}) |")
+            del q, kc, vc, bt, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_rows():
+    rows = []
+    total = 16384
+    for n in (1024, 4096, 8192):
+        batch = total // n
+        q, kc, vc, bt, sl, qsl = paged(batch, n, n)
+        flops = batch * 4 * HQ * D * n * n / 2
+        t = ms(lambda: kernels.paged_attention(q, kc, vc, bt, sl, qsl, D ** -0.5, n))
+        k, v = dense_kv(kc, vc, bt)
+        k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)   # flash backend: equal heads
+        qd = q.view(batch, n, HQ, D).transpose(1, 2).contiguous()
+        ts = ms(lambda: F.scaled_dot_product_attention(qd, k, v, is_causal=True, scale=D ** -0.5))
+        rows.append(f"| {batch} x {n} | {t * 1e3:.0f} | {flops / (t * 1e-3) / 1e12:.0f} | {ts * 1e3:.0f} | "
+                    f"{flops / (ts * 1e-3) / 1e12:.0f} |")
+        del q, kc, vc, bt, k, v, qd
+        torch.cuda.empty_cache()
+    return rows
+
+
+def op_rows():
+    rows = []
+    g = torch.Generator(device=DEV).manual_seed(0)
+    rnd = lambda *s, dtype=DT: torch.randn(*s, generator=g, device=DEV).to(dtype)  # noqa: E731
+    for t in (256, 4096):
+        x, r, w = rnd(t, 4096), rnd(t, 4096), rnd(4096)
+        cases = [
+            ("rms_norm", f"{t}x4096", 2 * x.numel() * 2, lambda: kernels.rms_norm(x, w, 1e-5), lambda: rms_norm_ref(x, w, 1e-5)),
+            ("rms_norm+residual", f"{t}x4096", 5 * x.numel() * 2, lambda: kernels.rms_norm(x, w, 1e-5, r),
+             lambda: rms_norm_ref(x, w, 1e-5, r)),
+        ]
+        qq, kk = rnd(t, HQ, D), rnd(t, HKV, D)
+        pos = torch.randint(0, 8192, (t,), device=DEV)
+        inv = 1.0 / (500000 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D))
+        fr = torch.outer(torch.arange(8192, device=DEV, dtype=torch.float32), inv)
+        cs = torch.cat((fr.cos(), fr.sin()), -1)
+        cases.append(("rotary (in place)", f"{t} tok, 32+8 heads", 2 * (qq.numel() + kk.numel()) * 2 + t * D * 4,
+                      lambda: kernels.rotary_embedding(pos, qq, kk, cs), lambda: rotary_embedding_ref(pos, qq, kk, cs)))
+        xm = rnd(t, 2 * 14336)
+        cases.append(("silu_and_mul", f"{t}x2x14336", xm.numel() * 2 * 3 // 2, lambda: kernels.silu_and_mul(xm),
+                      lambda: silu_and_mul_ref(xm)))
+        nblk = 65536
+        kc = torch.zeros(nblk, BS, HKV, D, dtype=DT, device=DEV)
+        vc = torch.zeros_like(kc)
+        slots = torch.randperm(nblk * BS, device=DEV, generator=g)[:t]
+        kn, vn = rnd(t, HKV, D), rnd(t, HKV, D)
+        cases.append(("store_kvcache", f"{t} tok, 8x128", 4 * kn.numel() * 2,
+                      lambda: kernels.store_kvcache(kn, vn, kc, vc, slots), lambda: store_kvcache_ref(kn, vn, kc, vc, slots)))
+        for name, shape, nbytes, fk, fr_ in cases:
+            tk, tr = ms(fk), ms(fr_)
+            rows.append(f"| {name} | {shape} | {tk * 1e3:.1f} | {nbytes / (tk * 1e-3) / 1e9:.0f} | {tr * 1e3:.1f} | "
+                        f"{tr / tk:.1f}x |")
+        del kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep():
+    print("\n### Sweep: decode (us; auto = the heuristic's pick)\n")
+    shapes = [(1, 1024), (1, 4096), (8, 4096), (16, 4096), (32, 4096), (64, 1024), (64, 4096), (256, 1024)]
+    configs = [(s, tn, st) for s in (1, 4, 16, 64) for tn in (32, 64, 128) for st in (2, 3)]
+    print("| batch | ctx | auto | best (segs, tile_n, stages) | best us | segs=1 tile64 st3 |")
+    print("|---|---|---|---|---|---|")
+    for batch, ctx in shapes:
+        q, kc, vc, bt, sl, qsl = paged(batch, ctx, 1)
+        auto = ms(lambda: kernels.paged_attention(q, kc, vc, bt, sl, qsl, D ** -0.5, 1))
+        res = {}
+        for s, tn, st in configs:
+            res[(s, tn, st)] = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 1, num_segments=s,
+                                                                 tile_n=tn, num_stages=st))
+        best = min(res, key=res.get)
+        print(f"| {batch} | {ctx} | {auto * 1e3:.1f} | {best} | {res[best] * 1e3:.1f} | {res[(1, 64, 3)] * 1e3:.1f} |",
+              flush=True)
+    print("\n### Sweep: prefill 4 x 4096 (TFLOP/s)\n")
+    q, kc, vc, bt, sl, qsl = paged(4, 4096, 4096)
+    flops = 4 * 4 * HQ * D * 4096 * 4096 / 2
+    res = {}
+    for bm in (64, 128):
+        for tn in (32, 64, 128):
+            for w in (4, 8):
+                for st in (2, 3):
+                    try:
+                        t = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 4096, block_m=bm,
+                                                              tile_n=tn, num_warps=w, num_stages=st))
+                        res[(bm, tn, w, st)] = flops / (t * 1e-3) / 1e12
+                    except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                        res[(bm, tn, w, st)] = 0.0
+                        print("failed", (bm, tn, w, st), type(e).__name__)
+    for k in sorted(res, key=res.get, reverse=True)[:8]:
+        print(f"| block_m, tile_n, warps, stages = {k} | {res[k]:.0f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only-sweep", action="store_true")
+    a = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if a.sweep or a.only_sweep:
+        sweep()
+    if a.only_sweep:
+        return
+    cbw = copy_tbps()
+    print(f"\ndevice-to-device copy (1 GiB, read + write): {cbw:.2f} TB/s\n")
+    print("### Decode attention (Llama-3-8B heads, bf16, block 16), K/V bytes read / time\n")
+    print("| batch | context | segments (auto) | us | TB/s | of copy BW | no split: us (TB/s) | SDPA dense: us (TB/s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in decode_rows(cbw):
+        print(r, flush=True)
+    print("\n### Prefill attention (causal), TFLOP/s\n")
+    print("| sequences x tokens | paged kernel ms | TFLOP/s | SDPA dense ms | SDPA TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for r in prefill_rows():
+        print(r, flush=True)
+    print("\n### Other kernels vs their torch references\n")
+    print("| op | shape | triton us | triton GB/s | torch ref us | speedup |")
+    print("|---|---|---|---|---|---|")
+    for r in op_rows():
+        print(r, flush=True)
+
+
+if __name__ == "__main__":
+    main()
