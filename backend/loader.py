@@ -40,6 +40,7 @@ def load_model(hf_config: dict, model_dir: str, device: torch.device, dtype: tor
         _init_dummy(model, seed)
     else:
         _load_safetensors(model, model_dir, device)
+    model.fuse_weights()
     # RoPE angles stay fp32 whatever the weights' dtype.
     model.cos_sin_cache = rope_cos_sin_cache(args, max(max_model_len, args.max_position)).to(device)
     return model.eval().requires_grad_(False)

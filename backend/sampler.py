@@ -1,4 +1,11 @@
-"""Sampler: logits -> next token ids (greedy, temperature, top-k, top-p, min-p, per-request seeds)."""
+"""Sampler: logits -> next token ids (greedy, temperature, top-k, top-p, min-p, per-request seeds).
+
+One batched pass: greedy rows take the argmax; random rows are filtered (top-k, top-p, min-p
+only when some row asks for them, so no full-vocabulary sort otherwise) and drawn as
+argmax(probs / Exp(1) noise), which needs no torch.multinomial renormalisation or host sync.
+Rows with a seed draw their noise from their own generator, so their draws do not depend on
+what else is in the batch.
+"""
 import torch
 
 from backend.sequence import Sequence
@@ -15,26 +22,32 @@ class Sampler:
             if ids:
                 logits[i, list(ids)] = float("-inf")
         tokens = logits.argmax(dim=-1)
-        for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                tokens[i] = self._sample_row(logits[i], seq)
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
         return tokens.tolist()
 
-    def _sample_row(self, logits: torch.Tensor, seq: Sequence) -> int:
-        p = seq.params
-        logits = logits / p.temperature
-        if p.top_k > 0 and p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        dev = logits.device
+        logits = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+        vocab = logits.shape[1]
+        if any(0 < p.top_k < vocab for p in params):
+            k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Drop a token once the mass before it already reaches top_p (the top token always stays).
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        gen = seq.generator if seq.generator is not None else self.generator
-        # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's renormalisation or host sync.
-        noise = torch.empty_like(probs).exponential_(generator=gen)
-        return int((probs / noise).argmax())
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[i].exponential_(generator=seq.generator)
+        return (probs / noise).argmax(dim=-1)

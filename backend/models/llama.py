@@ -81,6 +81,16 @@ def _llama3_scale(inv_freq, s):
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([l.weight for l in linears])
+    bias = torch.cat([l.bias for l in linears]) if linears[0].bias is not None else None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -105,11 +115,18 @@ class Attention(nn.Module):
         self.qk_norm = a.qk_norm
         self.scale = a.head_dim ** -0.5
 
+    def fuse_weights(self):
+        """One matmul for q, k and v (the checkpoint's separate weights, concatenated)."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, cos_sin_cache):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
@@ -127,8 +144,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
+    def fuse_weights(self):
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x):
-        return self.down_proj(kernels.silu_and_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)))
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -174,6 +195,11 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, kv_cache, meta, self.cos_sin_cache)
         x, _ = self.model.norm(x, residual)
         return x
+
+    def fuse_weights(self):
+        for layer in self.model.layers:
+            layer.self_attn.fuse_weights()
+            layer.mlp.fuse_weights()
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden).float()
