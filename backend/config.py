@@ -19,6 +19,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"              # auto: safetensors; dummy: random weights for config.json
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False            # True: no CUDA graphs
     scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
 
     DTYPES = ("auto", "float32", "float16", "bfloat16")

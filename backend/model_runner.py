@@ -3,6 +3,7 @@ import torch
 
 from backend.config import EngineConfig
 from backend.loader import load_model
+from backend.cuda_graph import DecodeGraphs
 from backend.models.llama import AttentionMetadata
 from backend.sampler import Sampler
 from backend.scheduler import SchedulerOutput
@@ -24,6 +25,11 @@ class ModelRunner:
                                     a.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.sampler = Sampler(device, config.seed)
+        self.graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_blocks, device)
+            self.graphs.capture()
 
     def kv_block_bytes(self) -> int:
         a = self.model.args
@@ -97,6 +103,13 @@ class ModelRunner:
         return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
                 tensor(logits_indices, torch.long), sample_seqs)
 
+    def _run_decode_graph(self, seqs: list[Sequence]) -> torch.Tensor:
+        bs = self.block_size
+        positions = [s.num_computed_tokens for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        return self.graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, slots, [p + 1 for p in positions],
+                               [s.block_table for s in seqs])
+
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
         if pairs:
@@ -108,6 +121,9 @@ class ModelRunner:
         """Forward every scheduled token; logits [len(seqs), vocab] fp32 for the sequences whose
         prompt is now complete (the ones that get a new token this step)."""
         self.copy_blocks(out.block_copies)
+        if self.graphs is not None and self.graphs.can_run(len(out.seqs)) and all(
+                n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)):
+            return out.seqs, self.model.compute_logits(self._run_decode_graph(out.seqs))
         input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_seqs:
