@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 @dataclass
 class EngineConfig:
     model: str = ""
+    tokenizer: str = ""                    # default: the model directory
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -39,8 +40,10 @@ class EngineConfig:
                     continue
             kwargs[key] = _convert(key, value, known[key].type)
         config = cls(**kwargs)
-        if config.model and model_dir_base and not os.path.isabs(config.model):
-            config.model = os.path.join(model_dir_base, config.model)
+        for key in ("model", "tokenizer"):
+            path = getattr(config, key)
+            if path and model_dir_base and not os.path.isabs(path):
+                setattr(config, key, os.path.join(model_dir_base, path))
         config.validate()
         return config
 

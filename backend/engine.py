@@ -36,7 +36,7 @@ class LLMEngine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         hf_config = config.hf_config()
         self.max_model_len = config.max_model_len or hf_config.get("max_position_embeddings", 4096)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
         self.runner = ModelRunner(config, hf_config, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -167,7 +167,8 @@ class LLMEngine:
             reason = "stop"
         state = seq.detok
         old_len = len(state.text)
-        state.text += decode_delta(self.tokenizer, seq.token_ids, state, p.skip_special_tokens)
+        if p.detokenize:
+            state.text += decode_delta(self.tokenizer, seq.token_ids, state, p.skip_special_tokens)
         if reason is None and p.stop:
             reason = self._apply_stop_strings(seq, old_len)
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):

@@ -17,6 +17,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True            # False: token ids only (benchmarks with random ids)
     include_stop_str_in_output: bool = False
     use_beam_search: bool = False
     best_of: int | None = None
@@ -128,7 +129,7 @@ def _int_list(key, value):
 _CONVERTERS = {
     "n": _int, "temperature": _number, "top_k": _int, "top_p": _number, "min_p": _number, "seed": _int,
     "max_tokens": _int, "min_tokens": _int, "stop": _str_list, "stop_token_ids": _int_list,
-    "ignore_eos": _bool, "skip_special_tokens": _bool, "include_stop_str_in_output": _bool,
+    "ignore_eos": _bool, "skip_special_tokens": _bool, "detokenize": _bool, "include_stop_str_in_output": _bool,
     "use_beam_search": _bool, "best_of": _int, "length_penalty": _number, "early_stopping": _bool,
     "priority": _int,
 }

@@ -115,7 +115,7 @@ def op_rows():
         x, r, w = rnd(t, 4096), rnd(t, 4096), rnd(4096)
         cases = [
             ("rms_norm", f"{t}x4096", 2 * x.numel() * 2, lambda: kernels.rms_norm(x, w, 1e-5), lambda: rms_norm_ref(x, w, 1e-5)),
-            ("rms_norm+residual", f"{t}x4096", 5 * x.numel() * 2, lambda: kernels.rms_norm(x, w, 1e-5, r),
+            ("rms_norm+residual", f"{t}x4096", 4 * x.numel() * 2, lambda: kernels.rms_norm(x, w, 1e-5, r),
              lambda: rms_norm_ref(x, w, 1e-5, r)),
         ]
         qq, kk = rnd(t, HQ, D), rnd(t, HKV, D)
@@ -145,46 +145,66 @@ def op_rows():
 
 
 def sweep():
-    print("\n### Sweep: decode (us; auto = the heuristic's pick)\n")
-    shapes = [(1, 1024), (1, 4096), (8, 4096), (16, 4096), (32, 4096), (64, 1024), (64, 4096), (256, 1024)]
-    configs = [(s, tn, st) for s in (1, 4, 16, 64) for tn in (32, 64, 128) for st in (2, 3)]
-    print("| batch | ctx | auto | best (segs, tile_n, stages) | best us | segs=1 tile64 st3 |")
-    print("|---|---|---|---|---|---|")
+    print("\n### Sweep: decode (us per call; auto = the heuristic's pick)\n")
+    shapes = [(1, 1024), (1, 4096), (8, 4096), (16, 4096), (32, 4096), (64, 1024), (256, 1024)]
+    segs_list, tiles, stages_list = (1, 2, 4, 8, 16, 32, 64), (64, 128), (2, 3)
+    head = " | ".join(f"s{s}" for s in segs_list)
+    print(f"| batch | ctx | auto (segs) | tile_n, stages | {head} |")
+    print("|---|---|---|---|" + "---|" * len(segs_list))
     for batch, ctx in shapes:
         q, kc, vc, bt, sl, qsl = paged(batch, ctx, 1)
         auto = ms(lambda: kernels.paged_attention(q, kc, vc, bt, sl, qsl, D ** -0.5, 1))
-        res = {}
-        for s, tn, st in configs:
-            res[(s, tn, st)] = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 1, num_segments=s,
-                                                                 tile_n=tn, num_stages=st))
-        best = min(res, key=res.get)
-        print(f"| {batch} | {ctx} | {auto * 1e3:.1f} | {best} | {res[best] * 1e3:.1f} | {res[(1, 64, 3)] * 1e3:.1f} |",
-              flush=True)
+        auto_segs = _config(1, HQ // HKV, D, batch, HKV, DEV)[-1]
+        for tn in tiles:
+            for st in stages_list:
+                cells = []
+                for s in segs_list:
+                    t = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 1, num_segments=s,
+                                                          tile_n=tn, num_stages=st))
+                    cells.append(f"{t * 1e3:.1f}")
+                print(f"| {batch} | {ctx} | {auto * 1e3:.1f} ({auto_segs}) | {tn}, {st} | " + " | ".join(cells) + " |",
+                      flush=True)
+        del q, kc, vc, bt
     print("\n### Sweep: prefill 4 x 4096 (TFLOP/s)\n")
     q, kc, vc, bt, sl, qsl = paged(4, 4096, 4096)
     flops = 4 * 4 * HQ * D * 4096 * 4096 / 2
-    res = {}
-    for bm in (64, 128):
-        for tn in (32, 64, 128):
-            for w in (4, 8):
-                for st in (2, 3):
-                    try:
-                        t = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 4096, block_m=bm,
-                                                              tile_n=tn, num_warps=w, num_stages=st))
-                        res[(bm, tn, w, st)] = flops / (t * 1e-3) / 1e12
-                    except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
-                        res[(bm, tn, w, st)] = 0.0
-                        print("failed", (bm, tn, w, st), type(e).__name__)
-    for k in sorted(res, key=res.get, reverse=True)[:8]:
-        print(f"| block_m, tile_n, warps, stages = {k} | {res[k]:.0f} |")
+    for cfg in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2),
+                (128, 64, 8, 2), (64, 32, 4, 4)]:
+        bm, tn, w, st = cfg
+        try:
+            t = ms(lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 4096, block_m=bm, tile_n=tn,
+                                                  num_warps=w, num_stages=st))
+            print(f"| block_m, tile_n, warps, stages = {cfg} | {flops / (t * 1e-3) / 1e12:.0f} |", flush=True)
+        except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+            print(f"| {cfg} | failed: {type(e).__name__} |", flush=True)
+
+
+def profile_decode(path):
+    """CUDA kernel times (profiler) of a batch-1 4k decode, split 64 / 16 / 1 ways."""
+    from torch.profiler import ProfilerActivity, profile
+    q, kc, vc, bt, sl, qsl = paged(1, 4096, 1)
+    with open(path, "w") as out:
+        for segs in (64, 16, 1):
+            f = lambda: paged_attention_triton(q, kc, vc, bt, sl, qsl, D ** -0.5, 1, num_segments=segs)  # noqa: E731
+            f()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    f()
+                torch.cuda.synchronize()
+            out.write(f"segments={segs}\n")
+            out.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8) + "\n")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--only-sweep", action="store_true")
+    ap.add_argument("--profile", metavar="FILE")
     a = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if a.profile:
+        profile_decode(a.profile)
     if a.sweep or a.only_sweep:
         sweep()
     if a.only_sweep:
