@@ -2,6 +2,7 @@
 import json
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,17 +17,34 @@ PROMPT = "The capital of France is"
 HTTP_TIMEOUT = 60
 
 
+class Reply:
+    """status_code, text and json() of a finished HTTP response. (A requests.Response that stays
+    referenced keeps its connection open, and open connections hold up the server's shutdown.)"""
+
+    def __init__(self, response):
+        self.status_code, self.text = response.status_code, response.text
+
+    def json(self):
+        return json.loads(self.text)
+
+
 def generate(server, body, stream=False):
+    """POST to generate (a Reply) or generate_stream (a streaming requests.Response for sse_events)."""
     url = f"{server.http_url}/v2/models/{MODEL_NAME}/{'generate_stream' if stream else 'generate'}"
-    return requests.post(url, json=body, timeout=HTTP_TIMEOUT, stream=stream)
+    response = requests.post(url, json=body, timeout=HTTP_TIMEOUT, stream=stream)
+    if stream:
+        return response
+    with response:
+        return Reply(response)
 
 
 def sse_events(response):
     """The JSON objects of a generate_stream response (one per `data:` line)."""
     events = []
-    for line in response.iter_lines(decode_unicode=False):
-        if line.startswith(b"data:"):
-            events.append(json.loads(line[len(b"data:"):].decode("utf-8")))
+    with response:  # closed at the end: an open connection holds up the server's shutdown
+        for line in response.iter_lines(decode_unicode=False):
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[len(b"data:"):].decode("utf-8")))
     return events
 
 
@@ -155,20 +173,84 @@ def test_stop_strings(server):
 # ------------------------------------------------------------------------------ the seed's requests
 
 def test_seed_request(server):
-    r = requests.post(f"{server.http_url}/v2/models/{MODEL_NAME}/generate", timeout=HTTP_TIMEOUT,
-                      data='{"prompt": "The capital of France is", "n": 1, "use_beam_search": false, '
-                           '"temperature": 0.7, "max_tokens": 10}')
+    """The seed's request, byte for byte as its curl command sends it."""
+    with requests.post(f"{server.http_url}/v2/models/{MODEL_NAME}/generate", timeout=HTTP_TIMEOUT,
+                       data='{"prompt": "The capital of France is", "n": 1, "use_beam_search": false, '
+                            '"temperature": 0.7, "max_tokens": 10}') as response:
+        r = Reply(response)
     assert r.status_code == 200, r.text
     assert r.json()["text_output"].startswith(PROMPT)
 
 
+def _engine_rejects(options):
+    """The engine's own verdict on sampling options (n > 1 and beam search arrive in stages)."""
+    from backend.sampling_params import SamplingParams
+    try:
+        SamplingParams.from_dict(options)
+    except ValueError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("field,value", [("n", 2), ("use_beam_search", True)])
-def test_seed_request_unsupported(server, field, value):
+def test_seed_request_n_and_beam_search(server, field, value):
+    """The seed's requests with "n": 2 / "use_beam_search": true: an error naming the field while
+    the engine lacks the feature, else one text per sample (n) or per returned beam."""
     body = {"prompt": PROMPT, "n": 1, "use_beam_search": False, "temperature": 0.7, "max_tokens": 10}
     body[field] = value
     r = generate(server, body)
-    assert r.status_code == 400, r.text
-    assert field in r.json()["error"]
+    if _engine_rejects({k: v for k, v in body.items() if k != "prompt"}):
+        assert r.status_code == 400, r.text
+        assert field in r.json()["error"]
+        return
+    assert r.status_code == 200, r.text
+    texts = r.json()["text_output"]
+    n = body["n"]
+    texts = [texts] if n == 1 else texts
+    assert isinstance(texts, list) and len(texts) == n, texts
+    assert all(isinstance(t, str) and t.startswith(PROMPT) for t in texts)
+
+
+def test_n_samples_stream(server):
+    options = {"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 12}
+    if _engine_rejects(options):
+        pytest.skip("the engine does not do n > 1 yet")
+    body = {"text_input": PROMPT, "exclude_input_in_output": True, "parameters": options,
+            "return_num_output_tokens": True, "return_finish_reason": True}
+    r = generate(server, body)
+    assert r.status_code == 200, r.text
+    whole = r.json()["text_output"]
+    assert isinstance(whole, list) and len(whole) == 3
+    events = sse_events(generate(server, dict(body, stream=True), stream=True))
+    assert events and not any("error" in e for e in events), events
+    assert all(isinstance(e["text_output"], list) and len(e["text_output"]) == 3 for e in events)
+    streamed = ["".join(e["text_output"][i] for e in events) for i in range(3)]
+    assert streamed == whole  # same seed: same samples
+    assert all(reason in ("stop", "length") for reason in events[-1]["finish_reason"])
+
+
+def test_beam_search(server):
+    options = {"use_beam_search": True, "n": 2, "best_of": 3, "temperature": 0, "max_tokens": 8}
+    if _engine_rejects(options):
+        pytest.skip("the engine does not do beam search yet")
+    body = {"text_input": PROMPT, "exclude_input_in_output": True, "parameters": options,
+            "return_cumulative_logprob": True}
+    r = generate(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["text_output"]) == 2
+    assert out["cumulative_logprob"][0] <= 0
+    events = sse_events(generate(server, dict(body, stream=True), stream=True))
+    assert ["".join(e["text_output"][i] for e in events) for i in range(2)] == out["text_output"]
+
+
+def test_unsupported_option(server):
+    r = generate(server, {"prompt": PROMPT, "presence_penalty": 0.5})
+    if _engine_rejects({"presence_penalty": 0.5}):
+        assert r.status_code == 400, r.text
+        assert "presence_penalty" in r.json()["error"]
+    else:
+        assert r.status_code == 200, r.text
 
 
 def test_numbers_as_strings(server):
@@ -222,6 +304,23 @@ def test_grpc_cancel(server):
     assert r.status_code == 200, r.text
 
 
+def test_http_disconnect_cancels(server):
+    """A client that drops its generate_stream connection cancels the request: the engine aborts it."""
+    before = server.log().count("cancelled by the client")
+    body = json.dumps({"text_input": PROMPT, "stream": True, "max_tokens": 4000, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (MODEL_NAME.encode(), len(body)) + body)
+        assert sock.recv(200).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while server.log().count("cancelled by the client") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count("cancelled by the client") == before + 1
+
+
 # ------------------------------------------------------------------------------ concurrency
 
 def test_concurrent_requests_match_sequential(server):
@@ -264,25 +363,33 @@ def test_bad_config_parameter_fails_load(tmp_path, tiny_model):
 
 
 def test_shutdown_with_requests_in_flight(tmp_path, tiny_model):
+    """SIGTERM while gRPC streams run: Triton lets them finish, then unloads the model (finalize()
+    stops the engine and the sender thread) and exits cleanly."""
     repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, num_gpu_blocks_override="2048")
     srv = Server(repo, str(tmp_path / "tritonserver.log")).start()
     try:
         srv.wait_ready()
-        results = []
-        body = greedy(PROMPT, max_tokens=4000, ignore_eos=True)
-        threads = [threading.Thread(target=lambda: results.append(
-            sse_events(generate(srv, dict(body, stream=True), stream=True)))) for _ in range(4)]
+        results = {}
+        sampling = {"temperature": 0, "max_tokens": 600, "ignore_eos": True}
+
+        def client(i):
+            results[i] = grpc_stream(srv, PROMPT, sampling, request_id=f"long-{i}")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(0.5)
         t0 = time.monotonic()
         rc = srv.stop(timeout=60)
         assert time.monotonic() - t0 < 30
         for t in threads:
             t.join(timeout=30)
-        assert rc == 0, srv.log()[-5000:]
-        assert "llm: shutting down" in srv.log()
-        assert len(results) == 4  # every client got an answer (completion or an error), none hung
+        log = srv.log()
+        assert rc == 0, log[-5000:]
+        assert "llm: shutting down" in log
+        assert len(results) == 4
+        for deltas, error, final in results.values():  # the in-flight requests completed
+            assert error is None and final and deltas
     finally:
         srv.stop()
 
