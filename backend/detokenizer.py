@@ -20,11 +20,19 @@ def new_state(num_prompt_tokens: int) -> DetokenizerState:
     return DetokenizerState(max(0, num_prompt_tokens - CONTEXT_TOKENS), num_prompt_tokens)
 
 
-def decode_delta(tokenizer, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True) -> str:
-    """Text added by the tokens past state.read_offset (all of token_ids is prompt + output)."""
-    prefix = tokenizer.decode(token_ids[state.prefix_offset:state.read_offset],
-                              skip_special_tokens=skip_special_tokens)
-    full = tokenizer.decode(token_ids[state.prefix_offset:], skip_special_tokens=skip_special_tokens)
+def fast_decoder(tokenizer):
+    """The Rust tokenizer's decode where there is one (skips transformers' per-call conversions)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids, skip_special_tokens=True: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode
+
+
+def decode_delta(decode, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True) -> str:
+    """Text added by the tokens past state.read_offset (all of token_ids is prompt + output);
+    decode is fast_decoder(tokenizer)."""
+    prefix = decode(token_ids[state.prefix_offset:state.read_offset], skip_special_tokens=skip_special_tokens)
+    full = decode(token_ids[state.prefix_offset:], skip_special_tokens=skip_special_tokens)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
         return ""
     state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)

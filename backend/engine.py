@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from backend import beam_search
 from backend.block_manager import BlockManager, cdiv
 from backend.config import EngineConfig
-from backend.detokenizer import decode_delta, new_state
+from backend.detokenizer import decode_delta, fast_decoder, new_state
 from backend.model_runner import ModelRunner
 from backend.outputs import RequestOutput, SampleOutput
 from backend.sampling_params import SamplingParams
@@ -37,6 +37,7 @@ class LLMEngine:
         hf_config = config.hf_config()
         self.max_model_len = config.max_model_len or hf_config.get("max_position_embeddings", 4096)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.decode = fast_decoder(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
         self.runner = ModelRunner(config, hf_config, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -168,7 +169,7 @@ class LLMEngine:
         state = seq.detok
         old_len = len(state.text)
         if p.detokenize:
-            state.text += decode_delta(self.tokenizer, seq.token_ids, state, p.skip_special_tokens)
+            state.text += decode_delta(self.decode, seq.token_ids, state, p.skip_special_tokens)
         if reason is None and p.stop:
             reason = self._apply_stop_strings(seq, old_len)
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):

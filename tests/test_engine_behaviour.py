@@ -92,7 +92,7 @@ def test_detokenizer_never_splits_a_character(engine):
     state, deltas, tokens = new_state(len(prompt)), [], list(prompt)
     for t in ids:
         tokens.append(t)
-        deltas.append(decode_delta(engine.tokenizer, tokens, state))
+        deltas.append(decode_delta(engine.decode, tokens, state))
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert sum(1 for d in deltas if d) == len(text)   # one whole character at a time

@@ -1,0 +1,140 @@
+"""The unified paged-attention kernel (and its split-KV path) against the torch reference.
+
+On CPU these run under the Triton interpreter on small shapes; on CUDA the same cases run compiled,
+plus realistic shapes (Llama-3-8B heads, batches up to 256, contexts up to 8k).
+"""
+import random
+
+import pytest
+import torch
+
+import kernels
+from kernels.paged_attention import paged_attention_triton
+
+from tests.kernels.kernel_testing import DEVICE, ON_GPU, assert_close, make_paged_batch, ref_attention
+
+
+def run_kernel(b, max_query_len="auto", **overrides):
+    if max_query_len == "auto":
+        max_query_len = max(int(n) for n in (b["query_start_loc"][1:] - b["query_start_loc"][:-1]).tolist())
+    if overrides:
+        return paged_attention_triton(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"],
+                                      b["query_start_loc"], b["scale"], max_query_len, **overrides)
+    return kernels.paged_attention(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"],
+                                   b["query_start_loc"], b["scale"], max_query_len)
+
+
+DECODE_LENS = [1, 15, 16, 17, 33, 70]          # 1, around one block, not multiples of the block size
+# (seq_len, q_len): decode of a 1-token sequence, whole prompts, chunks with cached context, decodes,
+# and a sequence with no new tokens this step
+MIXED = [(1, 1), (17, 17), (40, 7), (33, 1), (64, 64), (20, 0), (50, 1), (5, 3)]
+
+
+@pytest.mark.parametrize("group", [1, 4, 5])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("segments", [1, 4])
+def test_decode(group, block_size, segments):
+    b = make_paged_batch(DECODE_LENS, [1] * len(DECODE_LENS), 2, group, 32, block_size, torch.bfloat16)
+    assert_close(run_kernel(b, num_segments=segments), ref_attention(b))
+
+
+@pytest.mark.parametrize("group", [1, 4, 5])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("path", ["auto", "split", "small_tiles"])
+def test_mixed_prefill_and_decode(group, block_size, path):
+    seq_lens, q_lens = zip(*MIXED)
+    b = make_paged_batch(list(seq_lens), list(q_lens), 2, group, 32, block_size, torch.bfloat16, seed=group)
+    kw = {"split": dict(num_segments=4), "small_tiles": dict(block_m=16, tile_n=16)}.get(path, {})
+    assert_close(run_kernel(b, **kw), ref_attention(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_dtypes_and_head_dims(dtype, head_dim):
+    seq_lens, q_lens = zip(*MIXED[:5])
+    b = make_paged_batch(list(seq_lens), list(q_lens), 1, 4, head_dim, 16, dtype, seed=head_dim)
+    assert_close(run_kernel(b), ref_attention(b))
+
+
+def test_auto_split_decode_through_dispatch():
+    """A decode batch small enough that the heuristics pick the split path, via the public function."""
+    b = make_paged_batch([3, 47, 90], [1, 1, 1], 1, 4, 32, 16, torch.bfloat16)
+    from kernels.paged_attention import _config
+    assert _config(1, 4, 32, 3, 1, DEVICE)[-1] > 1
+    assert_close(run_kernel(b), ref_attention(b))
+
+
+@pytest.mark.parametrize("max_query_len", [None, 64])
+def test_max_query_len_given_or_not(max_query_len):
+    """None makes the wrapper guess tile shapes without a host sync; the result must not depend on it."""
+    seq_lens, q_lens = zip(*MIXED)
+    b = make_paged_batch(list(seq_lens), list(q_lens), 2, 4, 32, 16, torch.float16)
+    assert_close(run_kernel(b, max_query_len=max_query_len), ref_attention(b))
+
+
+def test_uses_the_kernel_in_triton_mode(monkeypatch):
+    import sys
+    pa = sys.modules["kernels.paged_attention"]   # the package attribute of that name is the function
+    called = []
+    monkeypatch.setattr(pa, "paged_attention_triton", lambda *a, **k: called.append(1) or pa.paged_attention_ref(*a[:7]))
+    b = make_paged_batch([5], [1], 1, 4, 16, 16, torch.float32)
+    run_kernel(b)
+    assert called
+
+
+# ---------------- realistic shapes, CUDA only ----------------
+
+def _rand_lens(n, lo, hi, seed):
+    r = random.Random(seed)
+    return [r.randint(lo, hi) for _ in range(n)]
+
+
+GPU_DECODE = [(1, [8192]), (1, [1]), (8, _rand_lens(8, 1, 8192, 1)), (64, _rand_lens(64, 1, 4096, 2)),
+              (256, _rand_lens(256, 1, 2048, 3))]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic shapes need CUDA (the small cases above run everywhere)")
+@pytest.mark.parametrize("batch,lens", GPU_DECODE, ids=[f"bs{b}" for b, _ in GPU_DECODE])
+@pytest.mark.parametrize("segments", [None, 1, 16])
+def test_gpu_decode_llama3_8b(batch, lens, segments):
+    b = make_paged_batch(lens, [1] * batch, 8, 4, 128, 16, torch.bfloat16, seed=batch)
+    assert_close(run_kernel(b, num_segments=segments) if segments else run_kernel(b), ref_attention(b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic shapes need CUDA")
+@pytest.mark.parametrize("num_kv_heads,group,head_dim,block_size", [(8, 4, 128, 16), (8, 5, 64, 32), (2, 7, 128, 32)])
+def test_gpu_mixed_batch(num_kv_heads, group, head_dim, block_size):
+    # two prompt chunks with long cached context, a whole prompt, and 40 decodes up to 8k
+    decodes = _rand_lens(40, 1, 8192, 4)
+    seq_lens = [4096, 8192, 1000] + decodes
+    q_lens = [512, 300, 1000] + [1] * len(decodes)
+    b = make_paged_batch(seq_lens, q_lens, num_kv_heads, group, head_dim, block_size, torch.bfloat16)
+    assert_close(run_kernel(b), ref_attention(b))
+    assert_close(run_kernel(b, num_segments=8), ref_attention(b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic shapes need CUDA")
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_gpu_prefill(n):
+    b = make_paged_batch([n, n // 2], [n, n // 2], 8, 4, 128, 16, torch.bfloat16)
+    assert_close(run_kernel(b), ref_attention(b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 4 GiB of cache on CUDA")
+def test_gpu_cache_offsets_past_int32():
+    """A pool whose element offsets pass 2**31: blocks near its end must be addressed with int64."""
+    block_size, seq_lens = 16, [100, 37]
+    num_blocks = (2 ** 31) // (block_size * 8 * 128) + 64
+    b = make_paged_batch(seq_lens, [1, 37], 8, 4, 128, block_size, torch.bfloat16, min_num_blocks=num_blocks)
+    table = b["block_tables"]
+    new_id = num_blocks - 1
+    for s, n in enumerate(seq_lens):   # move every block of both sequences to the end of the pool
+        for j in range(-(-n // block_size)):
+            old = int(table[s, j])
+            for key in ("k_cache", "v_cache"):
+                b[key][new_id] = b[key][old]
+                b[key][old] = float("nan")
+            table[s, j] = new_id
+            new_id -= 1
+    assert_close(run_kernel(b), ref_attention(b))
+    assert_close(run_kernel(b, num_segments=4), ref_attention(b))
