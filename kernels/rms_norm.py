@@ -1,6 +1,10 @@
+from __future__ import annotations
+
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import lazy_jit, next_pow2, num_warps_for, use_triton
+
+triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
 
 def rms_norm_ref(x, weight, eps, residual=None):
@@ -13,8 +17,45 @@ def rms_norm_ref(x, weight, eps, residual=None):
     return y if residual is None else (y, residual)
 
 
+@lazy_jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride, res_stride, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row; fp32 inside. Outputs are contiguous [rows, n_cols]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        xr = (x + r).to(res_out_ptr.dtype.element_ty)      # the sum is rounded, as the reference does
+        tl.store(res_out_ptr + row * n_cols + cols, xr, mask=mask)
+        x = xr.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t, n):
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(y) if residual is not None else y
+    r2 = _rows(residual, n) if residual is not None else x2
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    if rows:
+        block = next_pow2(n)
+        _rms_norm_kernel[(rows,)](x2, r2, w, y, res_out, n, x2.stride(0), r2.stride(0), float(eps),
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block))
+    return y if residual is None else (y, res_out)
+
+
 def rms_norm(x, weight, eps, residual=None):
     if use_triton(x):
-        from kernels.triton_ops import rms_norm_triton
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
