@@ -36,8 +36,10 @@ def workload(num_seqs, input_len, output_len, seed=0):
 
 
 def timed_steps(engine):
-    """Wrap runner.run to measure GPU-side step time against the engine's whole step."""
-    stats = {"run_s": 0.0, "steps": 0}
+    """Wrap runner.run to measure the model's step time (forward + logits, synchronized) by step
+    kind, against the engine's whole step."""
+    stats = {"run_s": 0.0, "steps": 0, "decode_s": 0.0, "decode_steps": 0, "mixed_s": 0.0, "mixed_steps": 0,
+             "mixed_tokens": 0}
     run = engine.runner.run
 
     def timed(out):
@@ -45,11 +47,25 @@ def timed_steps(engine):
         r = run(out)
         if r[1].is_cuda:
             torch.cuda.synchronize()
-        stats["run_s"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats["run_s"] += dt
         stats["steps"] += 1
+        kind = "decode" if out.total_tokens == len(out.seqs) else "mixed"
+        stats[kind + "_s"] += dt
+        stats[kind + "_steps"] += 1
+        if kind == "mixed":
+            stats["mixed_tokens"] += out.total_tokens
         return r
     engine.runner.run = timed
     return stats
+
+
+def profile_steps(engine, prompts, params):
+    """torch.profiler over a short run: the top kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts, params)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def main():
@@ -62,6 +78,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler kernel table")
     a = ap.parse_args()
     t_load = time.perf_counter()
     engine = build_engine(a.shape, a.max_num_seqs, a.max_num_batched_tokens,
@@ -82,7 +99,13 @@ def main():
                           output_len=a.output_len, output_tokens=n, seconds=round(dt, 2),
                           output_tok_s=round(n / dt, 1), steps=stats["steps"],
                           gpu_share=round(stats["run_s"] / dt, 3), kv_blocks=engine.runner.num_blocks,
-                          load_s=round(t_load, 1), cuda_graphs=engine.runner.graphs is not None)))
+                          load_s=round(t_load, 1), cuda_graphs=engine.runner.graphs is not None,
+                          decode_ms_per_step=round(stats["decode_s"] / max(1, stats["decode_steps"]) * 1e3, 2),
+                          decode_steps=stats["decode_steps"], decode_s=round(stats["decode_s"], 2),
+                          mixed_s=round(stats["mixed_s"], 2), mixed_steps=stats["mixed_steps"],
+                          mixed_tokens=stats["mixed_tokens"])))
+    if a.profile:
+        profile_steps(engine, prompts[:64], [SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False)] * 64)
 
 
 if __name__ == "__main__":

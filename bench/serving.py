@@ -86,6 +86,27 @@ def run_level(url, concurrency, prompts, max_tokens):
                 ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
 
 
+def run_perf_analyzer(server, concurrency, prompts, max_tokens, workdir):
+    """The standard tool against the same server: perf_analyzer --streaming over gRPC."""
+    import shutil
+    import subprocess
+    exe = shutil.which("perf_analyzer")
+    if exe is None:
+        print(json.dumps(dict(tool="perf_analyzer", error="not on PATH")))
+        return
+    data = {"data": [{"text_input": [p], "stream": [True],
+                      "sampling_parameters": [json.dumps({"max_tokens": max_tokens, "temperature": 0,
+                                                          "ignore_eos": True})]} for p in prompts]}
+    path = os.path.join(workdir, "pa_input.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    cmd = [exe, "-m", "llm", "-i", "grpc", "-u", server.grpc_url, "--streaming", "--async", "--input-data", path,
+           "--concurrency-range", str(concurrency), "--measurement-interval", "15000", "--stability-percentage", "50"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    print("$ " + " ".join(cmd[:1] + ["-m", "llm"] + cmd[3:]))
+    print(r.stdout[-3000:] + r.stderr[-1500:], flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -95,6 +116,8 @@ def main():
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", default="8192")
     ap.add_argument("--out", default="")
+    ap.add_argument("--perf-analyzer", type=int, default=0, metavar="CONCURRENCY",
+                    help="also run perf_analyzer --streaming at this concurrency")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="llm-serving-")
     shape_dir = make_shape_dir(a.shape, os.path.join(tempfile.gettempdir(), "llm-bench-shapes"))
@@ -114,6 +137,9 @@ def main():
                         **run_level(server.grpc_url, c, prompts, a.output_len))
             print(json.dumps(line), flush=True)
             lines.append(line)
+        if a.perf_analyzer:
+            prompts = [ids_to_text(rng.randrange(10000) for _ in range(rng.randint(*a.input_len))) for _ in range(64)]
+            run_perf_analyzer(server, a.perf_analyzer, prompts, a.output_len, tmp)
     finally:
         server.stop()
         if a.out:
