@@ -26,10 +26,32 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.sampler = Sampler(device, config.seed)
         self.graphs = None
+        if device.type == "cuda":
+            self._warmup_kernels()
         if device.type == "cuda" and not config.enforce_eager:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_blocks, device)
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def _warmup_kernels(self):
+        """Compile the attention kernel's tile variants for prefill chunks now (one per band of
+        query rows), rather than during the first requests."""
+        a, dev = self.model.args, self.device
+        group = a.num_heads // a.num_kv_heads
+        for q_len in sorted({2, max(2, 16 // group), max(2, 256 // group), 320}):
+            q_len = min(q_len, self.max_model_len - 1, self.num_blocks * self.block_size)
+            blocks = -(-q_len // self.block_size)
+            tables = torch.zeros(2, blocks, dtype=torch.int32, device=dev)
+            tables[0] = torch.arange(blocks, dtype=torch.int32, device=dev)
+            meta = AttentionMetadata(  # slots -1: nothing is written to the pool
+                slot_mapping=torch.full((q_len + 1,), -1, dtype=torch.long, device=dev), block_tables=tables,
+                seq_lens=torch.tensor([q_len, 1], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, q_len, q_len + 1], dtype=torch.int32, device=dev),
+                max_query_len=q_len)
+            positions = torch.cat([torch.arange(q_len, device=dev), torch.zeros(1, dtype=torch.long, device=dev)])
+            self.model(torch.zeros(q_len + 1, dtype=torch.long, device=dev), positions, self.kv_caches, meta)
+        torch.cuda.synchronize(dev)
 
     def kv_block_bytes(self) -> int:
         a = self.model.args

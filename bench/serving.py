@@ -125,10 +125,15 @@ def main():
                                  max_num_batched_tokens=a.max_num_batched_tokens,
                                  max_model_len=str(a.input_len[1] + a.output_len + 16))
     server = Server(repo, os.path.join(tmp, "server.log")).start()
-    server.wait_ready(timeout=600)
     rng = random.Random(0)
     lines = []
     try:
+        try:
+            server.wait_ready(timeout=600)
+        except BaseException:
+            log = server.log()
+            print("\n".join(l for l in log.splitlines() if "rror" in l or "Traceback" in l or "File " in l)[-6000:])
+            raise
         for c in a.concurrency:
             n = a.requests_per_level or min(max(2 * c, 8), 256)
             prompts = [ids_to_text(rng.randrange(10000) for _ in range(rng.randint(*a.input_len))) for _ in range(n)]

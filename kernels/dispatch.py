@@ -36,9 +36,14 @@ class lazy_jit:
     kernels resolve them as jit functions.
     """
 
-    def __init__(self, fn):
-        self.fn = fn
-        functools.update_wrapper(self, fn)
+    def __init__(self, fn=None, **jit_kwargs):
+        self.fn, self.jit_kwargs = fn, jit_kwargs
+        if fn is not None:
+            functools.update_wrapper(self, fn)
+
+    def __call__(self, fn):
+        """`@lazy_jit(do_not_specialize=[...])`: keyword arguments go to triton.jit."""
+        return lazy_jit(fn, **self.jit_kwargs)
 
     def jitted(self):
         g = self.fn.__globals__
@@ -48,7 +53,7 @@ class lazy_jit:
             g["triton"], g["tl"] = triton, tl
             for name, obj in list(g.items()):
                 if isinstance(obj, lazy_jit):
-                    g[name] = triton.jit(obj.fn)
+                    g[name] = triton.jit(obj.fn, **obj.jit_kwargs)
         return g[self.fn.__name__]
 
     def __getitem__(self, grid):

@@ -117,7 +117,7 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
     return acc, m_i, l_i
 
 
-@lazy_jit
+@lazy_jit(do_not_specialize=["num_seqs"])   # varies every step: one compile, not one per value class
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         seg_out_ptr, seg_max_ptr, seg_sum_ptr,
