@@ -12,7 +12,6 @@ from collections import deque
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer
 
 from backend import beam_search
 from backend.block_manager import BlockManager, cdiv
@@ -22,6 +21,7 @@ from backend.model_runner import ModelRunner
 from backend.outputs import RequestOutput, SampleOutput
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
+from backend.tokenizer import load_tokenizer
 from backend.sequence import Sequence, SequenceGroup, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class LLMEngine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         hf_config = config.hf_config()
         self.max_model_len = config.max_model_len or hf_config.get("max_position_embeddings", 4096)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.decode = fast_decoder(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
         self.runner = ModelRunner(config, hf_config, self.device, self.dtype, self.max_model_len)
