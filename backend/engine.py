@@ -97,14 +97,16 @@ class LLMEngine:
         return bool(self._inbox or self.scheduler.has_work())
 
     # ---- one iteration --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """One iteration. Returns the outputs of the requests that progressed (only the finished
+        ones with only_finished, for callers that want final results: less work per step)."""
         touched = self._drain_inbox()
         out = self.scheduler.schedule()
         if out:
             sample_seqs, logits = self.runner.run(out)
             self.scheduler.advance(out)
             touched += self._process(sample_seqs, logits)
-        return self._deliver(touched)
+        return self._deliver(touched, only_finished)
 
     def _drain_inbox(self) -> list[SequenceGroup]:
         aborted = []
@@ -257,6 +259,11 @@ class LLMEngine:
 
     # ---- outputs --------------------------------------------------------------------------------
     def _request_output(self, group: SequenceGroup) -> RequestOutput:
+        seqs = group.seqs
+        if len(seqs) == 1 and not group.is_beam:   # the common case, kept short: it runs per request per step
+            seq = seqs[0]
+            return RequestOutput(group.request_id, seq.prompt, seq.num_prompt_tokens, [self._sample_output(seq)],
+                                 seq.is_finished, group.error)
         finished = group.finished
         if group.is_beam and not finished:
             samples = []   # beams are reordered every step: only the final ranking is output
@@ -275,9 +282,11 @@ class LLMEngine:
         return SampleOutput(seq.index, new_text, text[:sendable], seq.output_token_ids, seq.finish_reason,
                             seq.cum_logprob if seq.params.use_beam_search else None)
 
-    def _deliver(self, groups: list[SequenceGroup]) -> list[RequestOutput]:
+    def _deliver(self, groups: list[SequenceGroup], only_finished: bool = False) -> list[RequestOutput]:
         outputs = []
         for group in groups:
+            if only_finished and group.callback is None and not group.finished:
+                continue
             o = self._request_output(group)
             outputs.append(o)
             if o.finished:
@@ -303,7 +312,7 @@ class LLMEngine:
             ids.append(rid)
         final = {}
         while self.has_unfinished():
-            for o in self.step():
+            for o in self.step(only_finished=True):
                 if o.finished:
                     final[o.request_id] = o
         return [final[r] for r in ids]

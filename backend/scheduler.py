@@ -79,6 +79,8 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput):
         bm = self.block_manager
+        if not self.waiting:
+            return
         seats = sum(s.seats() for s in self.running)   # a request about to fork holds its samples' seats
         while self.waiting and budget > 0:
             seq = self.waiting[0]
