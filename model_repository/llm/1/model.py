@@ -53,6 +53,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # CANCEL_CHECK_PER_LIVE_S per live request so that checks stay a few per cent of the sender's time.
 CANCEL_CHECK_BASE_S = 0.05
 CANCEL_CHECK_PER_LIVE_S = 0.002
+# Sending holds the GIL (~160 us a response). Under load the sender rests as long as its last
+# round took (at most SENDER_MAX_REST_S), so it never takes more than about half of the GIL
+# from the engine thread; the outputs that queue up meanwhile merge into fewer responses.
+SENDER_BUSY_ROUND_S = 0.002
+SENDER_MAX_REST_S = 0.05
+# The engine thread needs the GIL back quickly after each GPU wait; Python's default switch
+# interval (5 ms) would make it wait behind the sender.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 _OPTIONAL_OUTPUTS = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
                      "return_cumulative_logprob")
@@ -120,6 +128,7 @@ class TritonPythonModel:
         # Raises ValueError naming the bad parameter: the model then fails to load with that message.
         config = EngineConfig.from_parameters(params, model_dir_base=args["model_repository"])
         self.engine = LLMEngine(config)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._ids = itertools.count()
         self._queue = queue.SimpleQueue()
         self._live = set()  # requests with outputs seen and no final response yet (sender thread only)
@@ -242,6 +251,9 @@ class TritonPythonModel:
                         self._send_error(state.sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
                 if state.done:
                     live.discard(state)
+            busy = time.monotonic() - now
+            if busy > SENDER_BUSY_ROUND_S and not stopping:
+                time.sleep(min(busy, SENDER_MAX_REST_S))
 
     def _respond(self, state, pieces, output, now, interval):
         if state.done:
