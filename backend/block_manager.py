@@ -12,7 +12,7 @@
 """
 from collections import OrderedDict
 
-from backend.sequence import Sequence
+from backend.sequence import PLACEHOLDER, Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -138,7 +138,8 @@ class BlockManager:
         """Hash the blocks that the last step filled, so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        known = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)   # a pending token is not hashed yet
+        full = min(seq.num_computed_tokens, known) // self.block_size
         if full <= len(seq.block_hashes):
             return
         for i in range(len(seq.block_hashes), full):

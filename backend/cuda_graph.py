@@ -59,7 +59,8 @@ class DecodeGraphs:
         return num_seqs <= self.max_bs and bool(self.graphs)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+            block_tables: list[list[int]], fill_input_ids=None) -> torch.Tensor:
+        """fill_input_ids(static input_ids): writes tokens that only the GPU knows yet (async scheduling)."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         host = self.host_tokens
@@ -80,5 +81,7 @@ class DecodeGraphs:
         self.slot_mapping[:bs].copy_(host[2, :bs], non_blocking=True)
         self.seq_lens[:bs].copy_(self.host_lens[:bs], non_blocking=True)
         self.block_tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        if fill_input_ids is not None:
+            fill_input_ids(self.input_ids)
         self.graphs[bs].replay()
         return self.hidden[:n]

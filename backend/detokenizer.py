@@ -28,12 +28,14 @@ def fast_decoder(tokenizer):
     return tokenizer.decode
 
 
-def decode_delta(decode, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True) -> str:
-    """Text added by the tokens past state.read_offset (all of token_ids is prompt + output);
+def decode_delta(decode, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True,
+                 end: int | None = None) -> str:
+    """Text added by the tokens past state.read_offset, up to token_ids[:end] (prompt + output);
     decode is fast_decoder(tokenizer)."""
+    end = len(token_ids) if end is None else end
     prefix = decode(token_ids[state.prefix_offset:state.read_offset], skip_special_tokens=skip_special_tokens)
-    full = decode(token_ids[state.prefix_offset:], skip_special_tokens=skip_special_tokens)
+    full = decode(token_ids[state.prefix_offset:end], skip_special_tokens=skip_special_tokens)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
         return ""
-    state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
+    state.prefix_offset, state.read_offset = state.read_offset, end
     return full[len(prefix):]

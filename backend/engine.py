@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,9 +23,20 @@ from backend.outputs import RequestOutput, SampleOutput
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
 from backend.tokenizer import load_tokenizer
-from backend.sequence import Sequence, SequenceGroup, SequenceStatus
+from backend.sequence import PLACEHOLDER, Sequence, SequenceGroup, SequenceStatus
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingTokens:
+    """A launched step's sampled tokens, still on their way to the host (async scheduling)."""
+    seqs: list[Sequence]
+    indices: list[int]          # where each token goes in its sequence's token_ids
+    tokens: torch.Tensor        # on the device
+    host: torch.Tensor          # pinned host copy, valid once `event` has completed
+    event: torch.cuda.Event | None
+    row_of: dict[int, int]      # id(seq) -> row in tokens
 
 OutputCallback = Callable[[RequestOutput], None]
 
@@ -44,6 +56,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
         self._groups: dict[str, SequenceGroup] = {}
+        self._async = config.async_scheduling == "true" or (config.async_scheduling == "auto"
+                                                             and self.device.type == "cuda")
+        self._pending: PendingTokens | None = None
+        self._num_forking = 0    # requests in flight with n > 1 or beams: those step synchronously
         self._inbox: deque = deque()          # ("add", group) / ("abort", request_id), from any thread
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -94,19 +110,72 @@ class LLMEngine:
             self._wakeup.notify()
 
     def has_unfinished(self) -> bool:
-        return bool(self._inbox or self.scheduler.has_work())
+        return bool(self._inbox or self.scheduler.has_work() or self._pending is not None)
 
     # ---- one iteration --------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """One iteration. Returns the outputs of the requests that progressed (only the finished
         ones with only_finished, for callers that want final results: less work per step)."""
         touched = self._drain_inbox()
+        if self._async and not self._num_forking:
+            touched += self._step_async()
+        else:
+            touched += self._resolve_pending()
+            out = self.scheduler.schedule()
+            if out:
+                sample_seqs, logits = self.runner.run(out)
+                self.scheduler.advance(out)
+                touched += self._process(sample_seqs, logits)
+        return self._deliver(list(dict.fromkeys(touched)), only_finished)
+
+    def _step_async(self) -> list[SequenceGroup]:
+        """Launch this step before handling the last one's tokens, so that the host's work (detokenizing,
+        stop checks, outputs, the next schedule) overlaps the GPU's. The last step's tokens are not on
+        the host yet: sequences carry a PLACEHOLDER, which the runner fills from the GPU copy. A
+        sequence that turns out to have stopped was scheduled one step too many; that token is dropped."""
         out = self.scheduler.schedule()
+        launched = None
         if out:
-            sample_seqs, logits = self.runner.run(out)
+            sample_seqs, logits = self.runner.run(out, self._pending)
             self.scheduler.advance(out)
-            touched += self._process(sample_seqs, logits)
-        return self._deliver(touched, only_finished)
+            if sample_seqs:
+                tokens = self.runner.sampler.sample(logits, sample_seqs, [self._masked_ids(s) for s in sample_seqs])
+                launched = self._launch_copy(sample_seqs, tokens)
+        touched = self._resolve_pending()
+        self._pending = launched
+        return touched
+
+    def _launch_copy(self, seqs: list[Sequence], tokens: torch.Tensor) -> PendingTokens:
+        cuda = tokens.is_cuda
+        host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        indices = []
+        for seq in seqs:
+            indices.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.scheduler.retire(seq)   # this token is its last, whatever it is
+        return PendingTokens(seqs, indices, tokens, host, event, {id(s): i for i, s in enumerate(seqs)})
+
+    def _resolve_pending(self) -> list[SequenceGroup]:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        if pending.event is not None:
+            pending.event.synchronize()
+        touched = []
+        for seq, index, token in zip(pending.seqs, pending.indices, pending.host.tolist()):
+            if seq.is_finished:     # stopped (or aborted) while this token was being made
+                continue
+            seq.token_ids[index] = token
+            self._settle_token(seq, index)
+            touched.append(seq.group)
+        return touched
 
     def _drain_inbox(self) -> list[SequenceGroup]:
         aborted = []
@@ -114,6 +183,7 @@ class LLMEngine:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self._groups[item.request_id] = item
+                self._num_forking += item.forks
                 self.scheduler.add(item.seqs[0])
             elif item in self._groups:
                 group = self._groups[item]
@@ -164,24 +234,31 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int):
         seq.token_ids.append(token)
-        p = seq.params
+        self._settle_token(seq, seq.num_tokens - 1)
+
+    def _settle_token(self, seq: Sequence, index: int):
+        """The token at `index` is known: detokenize, check stop conditions, finish if one holds."""
+        token, p = seq.token_ids[index], seq.params
+        end = index + 1
+        num_output = end - seq.num_prompt_tokens
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         state = seq.detok
         old_len = len(state.text)
         if p.detokenize:
-            state.text += decode_delta(self.decode, seq.token_ids, state, p.skip_special_tokens)
+            state.text += decode_delta(self.decode, seq.token_ids, state, p.skip_special_tokens, end)
         if reason is None and p.stop:
-            reason = self._apply_stop_strings(seq, old_len)
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = self._apply_stop_strings(seq, old_len, num_output)
+        if reason is None and (num_output >= p.max_tokens or end >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            del seq.token_ids[end:]   # a token scheduled past the stop (async scheduling)
             self.scheduler.finish(seq, reason)
 
-    def _apply_stop_strings(self, seq: Sequence, old_len: int) -> str | None:
+    def _apply_stop_strings(self, seq: Sequence, old_len: int, num_output: int) -> str | None:
         text, p = seq.detok.text, seq.params
-        if seq.num_output_tokens <= p.min_tokens - 1:
+        if num_output < p.min_tokens:
             return None
         start = max(0, old_len - max(map(len, p.stop)) + 1)
         hits = [(i, s) for i, s in ((text.find(s, start), s) for s in p.stop) if i >= 0]
@@ -289,8 +366,8 @@ class LLMEngine:
                 continue
             o = self._request_output(group)
             outputs.append(o)
-            if o.finished:
-                self._groups.pop(group.request_id, None)
+            if o.finished and self._groups.pop(group.request_id, None) is not None:
+                self._num_forking -= group.forks
             if group.callback is not None:
                 try:
                     group.callback(o)
@@ -336,6 +413,7 @@ class LLMEngine:
                 self._fail_all(f"engine step failed: {e!r}")
 
     def _fail_all(self, error: str | None):
+        self._pending = None
         self._drain_inbox()
         groups = list(self._groups.values())
         for group in groups:

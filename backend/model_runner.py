@@ -7,7 +7,7 @@ from backend.cuda_graph import DecodeGraphs
 from backend.models.llama import AttentionMetadata
 from backend.sampler import Sampler
 from backend.scheduler import SchedulerOutput
-from backend.sequence import Sequence
+from backend.sequence import PLACEHOLDER, Sequence
 
 
 class ModelRunner:
@@ -103,7 +103,7 @@ class ModelRunner:
         bs = self.block_size
         for seq, n in zip(out.seqs, out.num_new_tokens):
             c = seq.num_computed_tokens
-            input_ids += seq.token_ids[c:c + n]
+            input_ids += seq.token_ids[c:c + n]   # a pending token is PLACEHOLDER here: see _fill_pending
             positions += range(c, c + n)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
@@ -125,12 +125,28 @@ class ModelRunner:
         return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
                 tensor(logits_indices, torch.long), sample_seqs)
 
-    def _run_decode_graph(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _fill_pending(self, input_ids: torch.Tensor, seqs: list[Sequence], last_positions: list[int], pending):
+        """Async scheduling: the last step's tokens are still on the GPU (the host has placeholders);
+        copy them into this step's inputs there, without a round trip through the host."""
+        if pending is None:
+            return
+        at, rows = [], []
+        for seq, i in zip(seqs, last_positions):
+            row = pending.row_of.get(id(seq))
+            if row is not None and i >= 0 and seq.token_ids[-1] == PLACEHOLDER:
+                at.append(i)
+                rows.append(row)
+        if at:
+            at_t = torch.tensor(at, device=self.device)
+            input_ids[at_t] = pending.tokens[torch.tensor(rows, device=self.device)]
+
+    def _run_decode_graph(self, seqs: list[Sequence], pending=None) -> torch.Tensor:
         bs = self.block_size
         positions = [s.num_computed_tokens for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        return self.graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, slots, [p + 1 for p in positions],
-                               [s.block_table for s in seqs])
+        fill = None if pending is None else (lambda ids: self._fill_pending(ids, seqs, range(len(seqs)), pending))
+        return self.graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, slots,
+                               [p + 1 for p in positions], [s.block_table for s in seqs], fill)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
@@ -139,14 +155,21 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+    def run(self, out: SchedulerOutput, pending=None) -> tuple[list[Sequence], torch.Tensor]:
         """Forward every scheduled token; logits [len(seqs), vocab] fp32 for the sequences whose
-        prompt is now complete (the ones that get a new token this step)."""
+        prompt is now complete (the ones that get a new token this step). `pending`: the previous
+        step's PendingTokens when its tokens are not on the host yet (async scheduling)."""
         self.copy_blocks(out.block_copies)
         if self.graphs is not None and self.graphs.can_run(len(out.seqs)) and all(
                 n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)):
-            return out.seqs, self.model.compute_logits(self._run_decode_graph(out.seqs))
+            return out.seqs, self.model.compute_logits(self._run_decode_graph(out.seqs, pending))
         input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
+        if pending is not None:
+            ends, last = [], -1
+            for seq, n in zip(out.seqs, out.num_new_tokens):
+                last += n
+                ends.append(last if seq.num_computed_tokens + n == seq.num_tokens else -1)
+            self._fill_pending(input_ids, out.seqs, ends, pending)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sample_seqs:
             return [], hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)

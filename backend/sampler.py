@@ -17,7 +17,11 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)   # requests without a seed
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> list[int]:
-        """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i."""
+        return self.sample(logits, seqs, masked_ids).tolist()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
+        """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i.
+        Returns the token ids on logits' device (no host sync)."""
         for i, ids in enumerate(masked_ids):
             if ids:
                 logits[i, list(ids)] = float("-inf")
@@ -25,7 +29,7 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
-        return tokens.tolist()
+        return tokens
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]

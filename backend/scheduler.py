@@ -120,6 +120,14 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
 
+    def retire(self, seq: Sequence):
+        """Stop scheduling seq (its last token is in flight and it ends there), keeping its blocks
+        until finish()."""
+        for i, s in enumerate(self.running):
+            if s is seq:
+                del self.running[i]
+                break
+
     def finish(self, seq: Sequence, reason: str):
         """Finish seq wherever it is; its blocks go back to the pool at once."""
         was = seq.status

@@ -14,6 +14,7 @@ class SequenceStatus(enum.Enum):
 
 
 _arrival_counter = itertools.count()
+PLACEHOLDER = -1   # a token sampled on the GPU whose value the host does not know yet (async scheduling)
 
 
 class Sequence:
@@ -93,6 +94,11 @@ class SequenceGroup:
         self.beam_hyps: list[tuple[float, Sequence]] = []   # finished beams (score, seq)
         self.error: str | None = None
         seq.group = self
+
+    @property
+    def forks(self) -> int:
+        """1 if this request forks into several sequences (n > 1 or beams), else 0."""
+        return int(self.params.n > 1 or self.params.use_beam_search)
 
     @property
     def is_beam(self) -> bool:

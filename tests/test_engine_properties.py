@@ -22,7 +22,7 @@ class RandomLogitsRunner:
         self.sampler, self.vocab = sampler, vocab
         self.gen = torch.Generator().manual_seed(seed)
 
-    def run(self, out):
+    def run(self, out, pending=None):
         seqs = [s for s, n in zip(out.seqs, out.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         return seqs, torch.randn(len(seqs), self.vocab, generator=self.gen)
 
@@ -44,11 +44,15 @@ def reset(engine, num_blocks, block_size, max_seqs, budget, policy, seed):
     sched.schedule = recording_schedule
     engine.runner = RandomLogitsRunner(engine.runner.sampler, 384, seed)
     engine._groups.clear()
+    engine._pending, engine._num_forking = None, 0
 
 
 def check_invariants(engine, out_tokens, budget, max_seqs):
     bm, sched = engine.block_manager, engine.scheduler
-    owners = Counter(b for s in sched.running for b in s.block_table)
+    # Sequences whose last token is still in flight (async scheduling) keep their blocks until it lands.
+    in_flight = [s for s in (engine._pending.seqs if engine._pending else []) if not s.is_finished]
+    holders = {id(s): s for s in [*sched.running, *in_flight]}.values()
+    owners = Counter(b for s in holders for b in s.block_table)
     assert all(not s.block_table for s in sched.waiting), "a waiting sequence holds no blocks"
     assert all(bm.ref_counts[b] == n for b, n in owners.items()), "ref count == block-table entries"
     assert sum(bm.ref_counts) == sum(owners.values())
@@ -80,9 +84,12 @@ def params_for(r):
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(request, min_size=1, max_size=16), st.integers(12, 48), st.sampled_from([4, 8, 16]),
-       st.integers(3, 8), st.integers(3, 48), st.sampled_from(["fcfs", "priority"]), st.integers(0, 1000))
-def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_size, max_seqs, budget, policy, seed):
+       st.integers(3, 8), st.integers(3, 48), st.sampled_from(["fcfs", "priority"]), st.integers(0, 1000),
+       st.booleans())
+def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_size, max_seqs, budget, policy, seed,
+                                                async_scheduling):
     reset(engine, num_blocks, block_size, max_seqs, budget, policy, seed)
+    engine._async = async_scheduling
     prefixes = [list(range(10 + 50 * i, 10 + 50 * i + 40)) for i in range(3)]
     pending = sorted(range(len(reqs)), key=lambda i: reqs[i]["arrive"])
     finished, admitted, step = set(), set(), 0
