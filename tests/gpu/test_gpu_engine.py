@@ -74,3 +74,13 @@ def test_sampling_on_gpu_seeded_reproducible():
     a = engine.generate(["To be"], p)[0].text
     b = engine.generate(["To be", "ROMEO:", "O"], p)[0].text
     assert a == b and len(a) > 10
+
+
+def test_async_scheduling_equals_sync_on_gpu_fp32():
+    prompts = prompt_set(24, seed=6, vocab=4000)
+    params = [greedy(20) if i % 3 else SamplingParams(temperature=0.8, seed=i, max_tokens=20, ignore_eos=True)
+              for i in range(len(prompts))]
+    sync = gpu(DEFAULT_MODEL, dtype="float32", async_scheduling="false").generate(prompts, params)
+    engine = gpu(DEFAULT_MODEL, dtype="float32")
+    assert engine._async and engine.runner.graphs is not None
+    assert ids(engine.generate(prompts, params)) == ids(sync)
