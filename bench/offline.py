@@ -42,9 +42,9 @@ def timed_steps(engine):
              "mixed_tokens": 0}
     run = engine.runner.run
 
-    def timed(out):
+    def timed(out, pending=None):
         t0 = time.perf_counter()
-        r = run(out)
+        r = run(out, pending)
         if r[1].is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -58,6 +58,15 @@ def timed_steps(engine):
         return r
     engine.runner.run = timed
     return stats
+
+
+def step_summary(stats, seconds):
+    if not stats:
+        return {}
+    return dict(steps=stats["steps"], gpu_share=round(stats["run_s"] / seconds, 3),
+                decode_ms_per_step=round(stats["decode_s"] / max(1, stats["decode_steps"]) * 1e3, 2),
+                decode_steps=stats["decode_steps"], decode_s=round(stats["decode_s"], 2),
+                mixed_s=round(stats["mixed_s"], 2), mixed_steps=stats["mixed_steps"], mixed_tokens=stats["mixed_tokens"])
 
 
 def profile_steps(engine, prompts, params):
@@ -79,6 +88,8 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler kernel table")
+    ap.add_argument("--step-profile", action="store_true",
+                    help="time each step's model run by kind (synchronizes after each step: no overlap)")
     a = ap.parse_args()
     t_load = time.perf_counter()
     engine = build_engine(a.shape, a.max_num_seqs, a.max_num_batched_tokens,
@@ -89,7 +100,7 @@ def main():
     params = [SamplingParams(temperature=a.temperature, max_tokens=o, ignore_eos=True, detokenize=False)
               for o in outs]
     engine.generate(prompts[:4], [SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)] * 4)
-    stats = timed_steps(engine)
+    stats = timed_steps(engine) if a.step_profile else {}
     torch.cuda.synchronize() if engine.device.type == "cuda" else None
     t0 = time.perf_counter()
     results = engine.generate(prompts, params)
@@ -97,13 +108,10 @@ def main():
     n = sum(len(r.token_ids) for r in results)
     print(json.dumps(dict(engine="ours", shape=a.shape, num_seqs=a.num_seqs, input_len=a.input_len,
                           output_len=a.output_len, output_tokens=n, seconds=round(dt, 2),
-                          output_tok_s=round(n / dt, 1), steps=stats["steps"],
-                          gpu_share=round(stats["run_s"] / dt, 3), kv_blocks=engine.runner.num_blocks,
+                          output_tok_s=round(n / dt, 1), kv_blocks=engine.runner.num_blocks,
                           load_s=round(t_load, 1), cuda_graphs=engine.runner.graphs is not None,
-                          decode_ms_per_step=round(stats["decode_s"] / max(1, stats["decode_steps"]) * 1e3, 2),
-                          decode_steps=stats["decode_steps"], decode_s=round(stats["decode_s"], 2),
-                          mixed_s=round(stats["mixed_s"], 2), mixed_steps=stats["mixed_steps"],
-                          mixed_tokens=stats["mixed_tokens"])))
+                          async_scheduling=engine._async, ms_per_output_step=round(dt / max(a.output_len) * 1e3, 2),
+                          **step_summary(stats, dt))))
     if a.profile:
         profile_steps(engine, prompts[:64], [SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False)] * 64)
 
