@@ -66,6 +66,15 @@ def dense_kv(k_cache, v_cache, tables):
     return k, v
 
 
+def graph_us_or_nan(label, fns, **kw):
+    """graph_us, or NaN (with a line saying why) where capture or the op fails."""
+    try:
+        return graph_us(fns, **kw)
+    except Exception as e:  # noqa: BLE001
+        print(label, "failed:", type(e).__name__, e)
+        return float("nan")
+
+
 def graph_us(fns, iters=10):
     """Microseconds per call of fns (each on its own data) captured back to back into one CUDA graph:
     the GPU time without Python launch overhead, as an engine running decode under CUDA graphs sees it.
@@ -109,11 +118,8 @@ def decode_rows(copy_bw):
             te = ms(lambda: kernels.paged_attention(*data[0], sc, 1)) * 1e3
             segs = _config(1, HQ // HKV, D, batch, HKV, DEV)[-1]
             dense = [(b[0].view(batch, HQ, 1, D),) + dense_kv(b[1], b[2], b[3]) for b in data]
-            try:
-                ts = graph_us([lambda x=x: F.scaled_dot_product_attention(*x, scale=sc, enable_gqa=True) for x in dense])
-            except Exception as e:  # noqa: BLE001
-                print("sdpa failed:", type(e).__name__, e)
-                ts = float("nan")
+            ts = graph_us_or_nan("sdpa", [lambda x=x: F.scaled_dot_product_attention(*x, scale=sc, enable_gqa=True)
+                                          for x in dense])
             bw = lambda tt: kv_bytes / (tt * 1e-6) / 1e12  # noqa: E731
             rows.append(f"| {batch} | {ctx} | {segs} | {t:.1f} | {bw(t):.2f} | {100 * bw(t) / copy_bw:.0f}% "
                         f"| {t1:.1f} ({bw(t1):.2f}) | {ts:.1f} ({bw(ts):.2f}) | {te:.1f} |")
@@ -172,11 +178,7 @@ def op_rows():
         for name, shape, nbytes, fk, fr_ in cases:
             tk, tr = ms(fk), ms(fr_)
             # graph timing on one data set: these inputs may sit in L2 (the table says so via GB/s above HBM's)
-            try:
-                tg = graph_us([fk], iters=50)
-            except Exception as e:  # noqa: BLE001
-                print(name, "graph capture failed:", type(e).__name__)
-                tg = float("nan")
+            tg = graph_us_or_nan(name, [fk], iters=50)
             rows.append(f"| {name} | {shape} | {tk * 1e3:.1f} | {nbytes / (tk * 1e-3) / 1e9:.0f} | {tg:.1f} | "
                         f"{tr * 1e3:.1f} | {tr / tk:.1f}x |")
         del kc, vc
