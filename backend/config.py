@@ -21,6 +21,7 @@ class EngineConfig:
     load_format: str = "auto"              # auto: safetensors; dummy: random weights for config.json
     enable_prefix_caching: bool = True
     enforce_eager: bool = False            # True: no CUDA graphs
+    tensor_parallel_size: int = 1          # ranks (processes) one model is split across
     async_scheduling: str = "auto"         # overlap host work with the GPU step; auto: on CUDA
     scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
 
@@ -68,6 +69,7 @@ class EngineConfig:
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "must be auto, cpu or cuda[:N]")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.async_scheduling in ("auto", "true", "false"), "async_scheduling", "must be auto, true or false")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from backend import beam_search
+from backend import beam_search, parallel
 from backend.block_manager import BlockManager, cdiv
 from backend.config import EngineConfig
 from backend.detokenizer import decode_delta, fast_decoder, new_state
@@ -51,13 +51,16 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.decode = fast_decoder(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
+        self.workers = self._start_tensor_parallel(hf_config) if config.tensor_parallel_size > 1 else []
         self.runner = ModelRunner(config, hf_config, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
         self._groups: dict[str, SequenceGroup] = {}
-        self._async = config.async_scheduling == "true" or (config.async_scheduling == "auto"
-                                                             and self.device.type == "cuda")
+        # Tensor parallelism steps synchronously and eagerly (its inputs are broadcast from the host).
+        self._async = not self.workers and (config.async_scheduling == "true" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda"))
+        self.healthy = True
         self._pending: PendingTokens | None = None
         self._num_forking = 0    # requests in flight with n > 1 or beams: those step synchronously
         self._inbox: deque = deque()          # ("add", group) / ("abort", request_id), from any thread
@@ -66,6 +69,39 @@ class LLMEngine:
         self._stopping = False
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d", self.device, self.dtype,
                  self.runner.num_blocks, config.block_size, self.max_model_len)
+
+    def _start_tensor_parallel(self, hf_config: dict):
+        from backend.models.llama import LlamaArgs, shard_for_rank
+        size = self.config.tensor_parallel_size
+        shard_for_rank(LlamaArgs.from_hf(hf_config), size, 0)   # raises now if the model does not split
+        if self.device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"parameter 'tensor_parallel_size' ({size}) exceeds the GPUs here "
+                             f"({torch.cuda.device_count()})")
+        workers, init_file = parallel.start_workers(size, self.config, hf_config, self.max_model_len,
+                                                    self.device.type)
+        parallel.init(0, size, init_file, self.device.type)
+        return workers
+
+    def _check_workers(self):
+        dead = [p.name for p in self.workers if not p.is_alive()]
+        if dead:
+            self.healthy = False
+            raise RuntimeError(f"tensor-parallel worker(s) {', '.join(dead)} exited")
+
+    def _stop_workers(self):
+        if not self.workers:
+            return
+        if all(p.is_alive() for p in self.workers):
+            try:
+                parallel.broadcast_step(None)
+            except Exception:   # a worker died mid-broadcast: nothing more to tell them
+                log.exception("stopping tensor-parallel workers")
+        for p in self.workers:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        parallel.shutdown()
+        self.workers = []
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str, params: SamplingParams,
@@ -80,6 +116,8 @@ class LLMEngine:
         with self._wakeup:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
+            if not self.healthy:
+                raise RuntimeError("the engine is not healthy (a tensor-parallel worker exited)")
             if request_id in self._groups or any(g.request_id == request_id for _, g in self._inbox_adds()):
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._inbox.append(("add", SequenceGroup(seq, on_output)))
@@ -118,6 +156,8 @@ class LLMEngine:
         """One iteration. Returns the outputs of the requests that progressed (only the finished
         ones with only_finished, for callers that want final results: less work per step)."""
         touched = self._drain_inbox()
+        if self.workers:
+            self._check_workers()
         if self._async and not self._num_forking:
             touched += self._step_async()
         else:
@@ -431,6 +471,7 @@ class LLMEngine:
             self._thread.join()
             self._thread = None
         self._fail_all(None)
+        self._stop_workers()
 
 
 def _pick_device(name: str) -> torch.device:

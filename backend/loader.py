@@ -6,7 +6,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from backend.models.llama import LlamaArgs, LlamaForCausalLM, rope_cos_sin_cache
+from backend import parallel
+from backend.models.llama import LlamaArgs, LlamaForCausalLM, rope_cos_sin_cache, shard_for_rank
 
 
 @contextlib.contextmanager
@@ -33,7 +34,7 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 def load_model(hf_config: dict, model_dir: str, device: torch.device, dtype: torch.dtype,
                max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
-    args = LlamaArgs.from_hf(hf_config)
+    args = shard_for_rank(LlamaArgs.from_hf(hf_config), parallel.tp_size(), parallel.tp_rank())
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(args)
     if load_format == "dummy":
@@ -57,7 +58,7 @@ def _load_safetensors(model, model_dir, device):
                         continue
                     raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
                 param = params[name]
-                tensor = f.get_tensor(name)
+                tensor = _load_shard(f, name, param.shape, model.args.tp_rank)
                 if tensor.shape != param.shape:
                     raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(param.shape)}")
@@ -68,6 +69,21 @@ def _load_safetensors(model, model_dir, device):
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_shard(f, name, shape, rank):
+    """The tensor, or this rank's slice of it where the parameter holds only a shard (the one dim
+    whose size differs: rows of column-parallel and vocabulary-parallel weights, columns of
+    row-parallel ones)."""
+    part = f.get_slice(name)
+    full = part.get_shape()
+    split = [d for d, (n, m) in enumerate(zip(full, shape)) if n != m]
+    if not split:
+        return part[:]
+    d = split[0]
+    index = [slice(None)] * len(full)
+    index[d] = slice(rank * shape[d], (rank + 1) * shape[d])
+    return part[tuple(index)]
 
 
 def _init_dummy(model, seed):

@@ -1,6 +1,7 @@
 """ModelRunner: owns the model and the KV pool; turns a scheduled step into tensors, runs it, samples."""
 import torch
 
+from backend import parallel
 from backend.config import EngineConfig
 from backend.loader import load_model
 from backend.cuda_graph import DecodeGraphs
@@ -19,6 +20,8 @@ class ModelRunner:
                                 config.seed)
         self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks()
+        if parallel.tp_size() > 1:   # every rank's pool must have the same block ids
+            self.num_blocks = parallel.min_across_ranks(self.num_blocks)
         a = self.model.args
         # One tensor for the whole pool: [k|v, layer, block, slot in block, kv head, head dim].
         self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads,
@@ -28,7 +31,7 @@ class ModelRunner:
         self.graphs = None
         if device.type == "cuda":
             self._warmup_kernels()
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager and parallel.tp_size() == 1:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_blocks, device)
             self.graphs.capture()
@@ -125,6 +128,27 @@ class ModelRunner:
         return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
                 tensor(logits_indices, torch.long), sample_seqs)
 
+    def _run_tensor_parallel(self, out, input_ids, positions, meta, logits_indices):
+        """Rank 0: send the step to the other ranks, then run it together with them."""
+        cpu = lambda t: t.cpu()  # noqa: E731
+        payload = dict(input_ids=cpu(input_ids), positions=cpu(positions), slot_mapping=cpu(meta.slot_mapping),
+                       block_tables=cpu(meta.block_tables), seq_lens=cpu(meta.seq_lens),
+                       query_start_loc=cpu(meta.query_start_loc), max_query_len=meta.max_query_len,
+                       logits_indices=cpu(logits_indices), block_copies=out.block_copies)
+        parallel.broadcast_step(payload)
+        return self.execute_step(dict(payload, block_copies=[]))   # rank 0 has copied its blocks already
+
+    @torch.inference_mode()
+    def execute_step(self, p: dict) -> torch.Tensor:
+        """Every rank: one forward pass from the broadcast inputs; the logits (all ranks get them)."""
+        if self.device.type != "cpu":
+            p = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+        self.copy_blocks(p["block_copies"])
+        meta = AttentionMetadata(p["slot_mapping"], p["block_tables"], p["seq_lens"], p["query_start_loc"],
+                                 p["max_query_len"])
+        hidden = self.model(p["input_ids"], p["positions"], self.kv_caches, meta)
+        return self.model.compute_logits(hidden[p["logits_indices"]])
+
     def _fill_pending(self, input_ids: torch.Tensor, seqs: list[Sequence], last_positions: list[int], pending):
         """Async scheduling: the last step's tokens are still on the GPU (the host has placeholders);
         copy them into this step's inputs there, without a round trip through the host."""
@@ -164,6 +188,8 @@ class ModelRunner:
                 n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)):
             return out.seqs, self.model.compute_logits(self._run_decode_graph(out.seqs, pending))
         input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
+        if parallel.tp_size() > 1:
+            return sample_seqs, self._run_tensor_parallel(out, input_ids, positions, meta, logits_indices)
         if pending is not None:
             ends, last = [], -1
             for seq, n in zip(out.seqs, out.num_new_tokens):

@@ -3,6 +3,7 @@
 Parameter names follow Hugging Face checkpoints so weights load by name. Hot ops go through
 `kernels`, which picks the Triton kernel on CUDA and the torch reference elsewhere.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import kernels
+from backend import parallel
 
 
 @dataclass
@@ -37,6 +39,8 @@ class LlamaArgs:
     qkv_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
+    tp_size: int = 1      # tensor parallelism: the head, MLP and vocabulary counts above are this rank's share
+    tp_rank: int = 0
 
     @classmethod
     def from_hf(cls, c: dict) -> "LlamaArgs":
@@ -54,6 +58,19 @@ class LlamaArgs:
             max_position=c.get("max_position_embeddings", 4096),
             qkv_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
             qk_norm=model_type == "qwen3", tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+def shard_for_rank(a: LlamaArgs, size: int, rank: int) -> LlamaArgs:
+    """This rank's share: heads, KV heads, MLP width and vocabulary split evenly across `size` ranks."""
+    if size == 1:
+        return a
+    for name in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+        if getattr(a, name) % size:
+            raise ValueError(f"parameter 'tensor_parallel_size' ({size}) must divide the model's {name} "
+                             f"({getattr(a, name)})")
+    return dataclasses.replace(a, num_heads=a.num_heads // size, num_kv_heads=a.num_kv_heads // size,
+                               intermediate_size=a.intermediate_size // size, vocab_size=a.vocab_size // size,
+                               tp_size=size, tp_rank=rank)
 
 
 def rope_cos_sin_cache(args: LlamaArgs, max_position: int) -> torch.Tensor:
@@ -134,7 +151,7 @@ class Attention(nn.Module):
         kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                     self.scale, meta.max_query_len)
-        return self.o_proj(o.reshape(t, -1))
+        return parallel.all_reduce(self.o_proj(o.reshape(t, -1)))   # row-parallel: sum the ranks' parts
 
 
 class MLP(nn.Module):
@@ -149,7 +166,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return parallel.all_reduce(self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -188,9 +205,20 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(a, a.max_position), persistent=False)
 
+    def embed(self, input_ids):
+        a = self.args
+        if a.tp_size == 1:
+            return self.model.embed_tokens(input_ids)
+        # Vocabulary-parallel: each rank looks up the ids in its slice, the others contribute zeros.
+        start = a.tp_rank * a.vocab_size
+        local = input_ids - start
+        mine = (local >= 0) & (local < a.vocab_size)
+        x = self.model.embed_tokens(local.clamp(0, a.vocab_size - 1)) * mine.unsqueeze(-1)
+        return parallel.all_reduce(x)
+
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata):
         """Hidden states of the packed new tokens; kv_caches[i] = (k_cache, v_cache) of layer i."""
-        x, residual = self.model.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta, self.cos_sin_cache)
         x, _ = self.model.norm(x, residual)
@@ -202,4 +230,4 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse_weights()
 
     def compute_logits(self, hidden):
-        return self.lm_head(hidden).float()
+        return parallel.all_gather_last_dim(self.lm_head(hidden).float())
