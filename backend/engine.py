@@ -45,6 +45,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = _pick_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)   # graphs, events and kernels go to this instance's GPU
         self.dtype = _pick_dtype(config.dtype, self.device)
         hf_config = config.hf_config()
         self.max_model_len = config.max_model_len or hf_config.get("max_position_embeddings", 4096)

@@ -127,6 +127,9 @@ class TritonPythonModel:
                   for key, value in model_config.get("parameters", {}).items()}
         # Raises ValueError naming the bad parameter: the model then fails to load with that message.
         config = EngineConfig.from_parameters(params, model_dir_base=args["model_repository"])
+        if args.get("model_instance_kind") == "GPU" and config.device == "auto":
+            # instance_group KIND_GPU: one engine per instance, on the GPU Triton gave it (data parallel).
+            config.device = f"cuda:{args['model_instance_device_id']}"
         self.engine = LLMEngine(config)
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._ids = itertools.count()
