@@ -58,7 +58,8 @@ class EngineConfig:
             check(os.path.isfile(os.path.join(self.model, "config.json")), "model",
                   "must be a directory holding config.json")
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
-        check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
+              f"must be >= max_num_seqs ({self.max_num_seqs}), so that every running request can decode each step")
         check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
               "must be a power of two")
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")

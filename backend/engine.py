@@ -345,7 +345,8 @@ class LLMEngine:
             seq.cum_logprob = score
         group.forked = True
         p = group.params
-        at_limit = length_before + 1 >= p.max_tokens or live[0].num_tokens >= self.max_model_len
+        # (live[0] may have been dropped this step: measure a surviving beam)
+        at_limit = length_before + 1 >= p.max_tokens or (next_beams and next_beams[0][0].num_tokens >= self.max_model_len)
         if at_limit or not next_beams:
             for seq, _, _ in next_beams:
                 beam_search.add_hypothesis(group, seq, None, seq.cum_logprob)
@@ -398,7 +399,10 @@ class LLMEngine:
         sendable = max(seq.num_sent_chars, len(text) - hold)
         new_text = text[seq.num_sent_chars:sendable]
         seq.num_sent_chars = sendable
-        return SampleOutput(seq.index, new_text, text[:sendable], seq.output_token_ids, seq.finish_reason,
+        token_ids = seq.output_token_ids
+        if token_ids and token_ids[-1] == PLACEHOLDER:   # in flight (async scheduling): not known yet
+            token_ids.pop()
+        return SampleOutput(seq.index, new_text, text[:sendable], token_ids, seq.finish_reason,
                             seq.cum_logprob if seq.params.use_beam_search else None)
 
     def _deliver(self, groups: list[SequenceGroup], only_finished: bool = False) -> list[RequestOutput]:

@@ -21,7 +21,7 @@ def mixed_params(engine, prompts):
 
 
 @pytest.mark.parametrize("pool", [{}, {"num_gpu_blocks_override": 12, "block_size": 8},
-                                  {"max_num_batched_tokens": 8}])
+                                  {"max_num_batched_tokens": 8, "max_num_seqs": 8}])
 def test_async_equals_sync(tiny_checkpoints, pool):
     path = tiny_checkpoints["llama"]
     sync = make_engine(path, async_scheduling="false", **pool)
@@ -42,6 +42,16 @@ def test_async_with_max_model_len_and_forks(tiny_checkpoints):
               greedy(7), SamplingParams(use_beam_search=True, n=2, max_tokens=5, ignore_eos=True)]
     ref = outputs(make_engine(path, async_scheduling="false", max_model_len=48), prompts, params)
     assert outputs(make_engine(path, async_scheduling="true", max_model_len=48), prompts, params) == ref
+
+
+def test_streamed_outputs_never_show_a_pending_token(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"], async_scheduling="true")
+    engine.add_request("a", "To be", greedy(12))
+    seen = []
+    while engine.has_unfinished():
+        seen += [o.token_ids for o in engine.step()]
+    assert all(-1 not in ids for ids in seen) and len(seen[-1]) == 12
+    assert [ids for ids in seen if ids] == [seen[-1][:n] for n in range(1, 13)]
 
 
 def test_async_abort_mid_flight(tiny_checkpoints):

@@ -69,7 +69,7 @@ def test_chunked_prefill_equals_unchunked_with_sampling(path):
     prompts = prompt_set(8, seed=13)
     params = mixed_params(len(prompts))
     ref = token_ids(make_engine(path).generate(prompts, params))
-    assert token_ids(make_engine(path, max_num_batched_tokens=8).generate(prompts, params)) == ref
+    assert token_ids(make_engine(path, max_num_batched_tokens=8, max_num_seqs=8).generate(prompts, params)) == ref
 
 
 def test_priority_policy_runs_urgent_requests_first(path):
@@ -144,6 +144,15 @@ def test_beam_search_survives_preemption(path):
     prompts = prompt_set(5, seed=18)
     params = SamplingParams(use_beam_search=True, n=3, max_tokens=8, ignore_eos=True)
     ref = token_ids(make_engine(path).generate(prompts, params))
-    small = make_engine(path, num_gpu_blocks_override=15, block_size=8, max_num_batched_tokens=16)
+    small = make_engine(path, num_gpu_blocks_override=15, block_size=8, max_num_batched_tokens=16, max_num_seqs=16)
     assert token_ids(small.generate(prompts, params)) == ref
     assert small.scheduler.num_preemptions > 0
+
+
+def test_beam_search_stops_at_max_model_len(path):
+    engine = make_engine(path, max_model_len=40)
+    prompts = [p for p in prompt_set(8, seed=23) if len(p) < 39]
+    for width in (2, 3, 4):
+        params = SamplingParams(use_beam_search=True, n=width, max_tokens=200, ignore_eos=True)
+        for o in engine.generate(prompts, params):
+            assert all(o.num_prompt_tokens + len(s.token_ids) == 40 for s in o.samples)

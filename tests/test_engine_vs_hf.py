@@ -36,7 +36,7 @@ def test_staggered(tiny_checkpoints, arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_chunked_prefill_budget_8(tiny_checkpoints, arch):
     path = tiny_checkpoints[arch]
-    engine = make_engine(path, max_num_batched_tokens=8)
+    engine = make_engine(path, max_num_batched_tokens=8, max_num_seqs=8)
     prompts = prompt_set(seed=2)
     check_vs_hf(path, prompts, engine.generate(prompts, greedy(MAX_NEW)))
 

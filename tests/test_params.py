@@ -34,7 +34,8 @@ def test_engine_config_from_triton_parameters(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("key, value", [("block_size", "abc"), ("block_size", "12"), ("max_num_seqs", "0"),
                                         ("gpu_memory_utilization", "1.5"), ("dtype", "int8"), ("model", "/nonexistent"),
-                                        ("max_num_batched_tokens", "-1"), ("no_such_knob", "1")])
+                                        ("max_num_batched_tokens", "-1"), ("max_num_batched_tokens", "100"),
+                                        ("no_such_knob", "1")])
 def test_engine_config_errors_name_the_parameter(tiny_checkpoints, key, value):
     params = {"model": tiny_checkpoints["llama"], key: value}
     with pytest.raises(ValueError, match=f"'{key}'"):
