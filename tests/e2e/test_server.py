@@ -391,3 +391,35 @@ def test_default_model_repository(tmp_path):
         assert "ROMEO:" + "".join(e["text_output"] for e in events) == r.json()["text_output"]
     finally:
         assert srv.stop() == 0
+
+
+def test_cancel_while_waiting(tmp_path, tiny_model):
+    """A request still waiting for a seat (max_num_seqs 1, another request running) is aborted as
+    soon as its client goes, not when it would have been scheduled."""
+    repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, max_num_seqs="1",
+                                 num_gpu_blocks_override="2048")
+    srv = Server(repo, str(tmp_path / "tritonserver.log")).start()
+    try:
+        srv.wait_ready()
+        long_body = json.dumps({"text_input": PROMPT, "max_tokens": 3000, "ignore_eos": True, "temperature": 0})
+        holder = threading.Thread(target=lambda: requests.post(
+            f"{srv.http_url}/v2/models/{MODEL_NAME}/generate", data=long_body, timeout=HTTP_TIMEOUT))
+        holder.start()
+        time.sleep(0.5)
+        import tritonclient.grpc as grpcclient
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        client.start_stream(callback=lambda result, error: None)
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=np.object_))
+        client.async_stream_infer(MODEL_NAME, [text], request_id="waiting")
+        time.sleep(0.3)
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        deadline = time.monotonic() + 10
+        while "waiting cancelled by the client" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "waiting cancelled by the client" in srv.log()
+        assert holder.is_alive(), "the cancel came while the first request was still running"
+        holder.join(timeout=HTTP_TIMEOUT)
+    finally:
+        srv.stop()

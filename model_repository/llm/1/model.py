@@ -181,6 +181,7 @@ class TritonPythonModel:
         state = _Request(request_id, sender, prompt, stream, prepend_input, max(1, params.n), want)
         put = self._queue.put
         self.engine.add_request(request_id, prompt, params, lambda output: put((state, output)))
+        put((state, None))   # the sender watches it for cancellation even before its first output
 
     @staticmethod
     def _sampling_options(request):
@@ -221,7 +222,10 @@ class TritonPythonModel:
         get, get_nowait = self._queue.get, self._queue.get_nowait
         stopping = False
         while not stopping:
-            items = [get()]
+            try:
+                items = [get(timeout=CANCEL_CHECK_BASE_S)]
+            except queue.Empty:
+                items = []
             while True:  # take everything waiting: one response per request per round
                 try:
                     items.append(get_nowait())
@@ -233,6 +237,10 @@ class TritonPythonModel:
                     stopping = True
                     continue
                 state, output = item
+                if output is None:   # registration (may come after the request's first outputs)
+                    if not state.done:
+                        self._live.add(state)
+                    continue
                 entry = merged.get(state)
                 if entry is None:
                     entry = merged[state] = [{}, output]
@@ -254,9 +262,22 @@ class TritonPythonModel:
                         self._send_error(state.sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
                 if state.done:
                     live.discard(state)
+            self._check_silent_requests(merged, now, interval)
             busy = time.monotonic() - now
             if busy > SENDER_BUSY_ROUND_S and not stopping:
                 time.sleep(min(busy, SENDER_MAX_REST_S))
+
+    def _check_silent_requests(self, merged, now, interval):
+        """Requests with no output this round (still waiting for the engine, or between outputs)
+        are asked about cancellation too, so a cancelled request does not wait to be scheduled."""
+        for state in [s for s in self._live if s not in merged and not s.done and now >= s.next_cancel_check]:
+            state.next_cancel_check = now + interval
+            if state.sender.is_cancelled():
+                state.done = True
+                self._live.discard(state)
+                self.engine.abort(state.request_id)
+                self.logger.log_info(f"llm: request {state.request_id} cancelled by the client: aborted")
+                self._send_error(state.sender, "request was cancelled", pb_utils.TritonError.CANCELLED)
 
     def _respond(self, state, pieces, output, now, interval):
         if state.done:
