@@ -60,10 +60,6 @@ class BlockManager:
         b = seq.block_table[i]
         return self.ref_counts[b] > 1 and self.block_hash[b] is None
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks seq needs so that its first num_tokens tokens have a writable slot."""
-        return max(0, cdiv(num_tokens, self.block_size) - len(seq.block_table)) + self._needs_copy(seq)
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens; False (and no change) if the pool is short."""
         grow = cdiv(num_tokens, self.block_size) - len(seq.block_table)
@@ -165,9 +161,3 @@ class BlockManager:
         return {"allocated_slots": allocated, "used_slots": sum(filled.values()),
                 "waste": 1 - sum(filled.values()) / allocated if allocated else 0.0,
                 "blocks": len(filled), "blocks_saved_by_sharing": logical - len(filled)}
-
-    def usage(self) -> float:
-        return 1.0 - len(self.free_blocks) / self.num_blocks
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

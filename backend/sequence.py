@@ -104,10 +104,6 @@ class SequenceGroup:
     def is_beam(self) -> bool:
         return self.params.use_beam_search
 
-    @property
-    def width(self) -> int:
-        return self.params.n
-
     def live(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]
 
