@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler kernel table")
     ap.add_argument("--step-profile", action="store_true",
                     help="time each step's model run by kind (synchronizes after each step: no overlap)")
@@ -94,7 +95,7 @@ def main():
     t_load = time.perf_counter()
     engine = build_engine(a.shape, a.max_num_seqs, a.max_num_batched_tokens,
                           max_model_len=a.input_len[1] + a.output_len[1] + 16,
-                          enforce_eager=str(a.enforce_eager))
+                          enforce_eager=str(a.enforce_eager), tensor_parallel_size=str(a.tensor_parallel_size))
     t_load = time.perf_counter() - t_load
     prompts, outs = workload(a.num_seqs, a.input_len, a.output_len)
     params = [SamplingParams(temperature=a.temperature, max_tokens=o, ignore_eos=True, detokenize=False)
@@ -108,12 +109,13 @@ def main():
     n = sum(len(r.token_ids) for r in results)
     print(json.dumps(dict(engine="ours", shape=a.shape, num_seqs=a.num_seqs, input_len=a.input_len,
                           output_len=a.output_len, output_tokens=n, seconds=round(dt, 2),
-                          output_tok_s=round(n / dt, 1), kv_blocks=engine.runner.num_blocks,
+                          output_tok_s=round(n / dt, 1), tensor_parallel_size=a.tensor_parallel_size, kv_blocks=engine.runner.num_blocks,
                           load_s=round(t_load, 1), cuda_graphs=engine.runner.graphs is not None,
                           async_scheduling=engine._async, ms_per_output_step=round(dt / max(a.output_len) * 1e3, 2),
                           **step_summary(stats, dt))))
     if a.profile:
         profile_steps(engine, prompts[:64], [SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False)] * 64)
+    engine.shutdown()   # stops tensor-parallel workers
 
 
 if __name__ == "__main__":
