@@ -125,4 +125,5 @@ def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_
 def test_property_tests_ran_enough_steps():
     if STEPS["total"] == 0:
         pytest.skip("the property test did not run in this session")
+    print("property-test steps:", STEPS["total"])
     assert STEPS["total"] >= 10_000, STEPS["total"]
