@@ -65,6 +65,8 @@ class LLMEngine:
         self.healthy = True
         self._pending: PendingTokens | None = None
         self._num_forking = 0    # requests in flight with n > 1 or beams: those step synchronously
+        self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
+        self.num_generation_tokens = 0
         self._inbox: deque = deque()          # ("add", group) / ("abort", request_id), from any thread
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -104,6 +106,15 @@ class LLMEngine:
                 p.kill()
         parallel.shutdown()
         self.workers = []
+
+    def stats(self) -> dict:
+        """A snapshot for metrics (vLLM's names); safe to call from any thread."""
+        bm, sched = self.block_manager, self.scheduler
+        return {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
+                "kv_cache_usage_perc": 1.0 - bm.num_free_blocks / bm.num_blocks,
+                "num_preemptions_total": sched.num_preemptions, "prompt_tokens_total": self.num_prompt_tokens,
+                "generation_tokens_total": self.num_generation_tokens,
+                "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits}
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str, params: SamplingParams,
@@ -225,6 +236,7 @@ class LLMEngine:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self._groups[item.request_id] = item
+                self.num_prompt_tokens += item.seqs[0].num_prompt_tokens
                 self._num_forking += item.forks
                 self.scheduler.add(item.seqs[0])
             elif item in self._groups:
@@ -281,6 +293,7 @@ class LLMEngine:
     def _settle_token(self, seq: Sequence, index: int):
         """The token at `index` is known: detokenize, check stop conditions, finish if one holds."""
         token, p = seq.token_ids[index], seq.params
+        self.num_generation_tokens += 1
         end = index + 1
         num_output = end - seq.num_prompt_tokens
         reason = None
@@ -340,6 +353,7 @@ class LLMEngine:
             if id(seq) not in used:
                 self.scheduler.finish(seq, "dropped")
                 group.seqs.remove(seq)
+        self.num_generation_tokens += len(next_beams)
         for seq, token, score in next_beams:
             seq.token_ids.append(token)
             seq.cum_logprob = score

@@ -423,3 +423,25 @@ def test_cancel_while_waiting(tmp_path, tiny_model):
         holder.join(timeout=HTTP_TIMEOUT)
     finally:
         srv.stop()
+
+
+def test_vllm_metrics(server):
+    """vLLM's metric names on Triton's metrics endpoint, after requests have run."""
+    for _ in range(2):
+        assert generate(server, greedy(PROMPT, max_tokens=6)).status_code == 200
+    time.sleep(0.7)   # counters and gauges refresh twice a second
+    assert generate(server, greedy(PROMPT, max_tokens=2)).status_code == 200
+    text = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=HTTP_TIMEOUT).text
+
+    def value(name):
+        lines = [l for l in text.splitlines() if l.startswith(name + "{") and 'model="llm"' in l]
+        assert lines, f"{name} missing from /metrics"
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    assert value("vllm:prompt_tokens_total") > 0
+    assert value("vllm:generation_tokens_total") >= 12
+    assert value("vllm:time_to_first_token_seconds_count") >= 3
+    assert value("vllm:e2e_request_latency_seconds_count") >= 3
+    assert value("vllm:request_generation_tokens_sum") >= 14
+    assert 0 <= value("vllm:kv_cache_usage_perc") <= 1
+    assert value("vllm:num_requests_waiting") == 0

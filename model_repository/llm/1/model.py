@@ -66,10 +66,57 @@ _OPTIONAL_OUTPUTS = ("return_finish_reason", "return_num_input_tokens", "return_
                      "return_cumulative_logprob")
 
 
+class _Metrics:
+    """vLLM's metric names on Triton's metrics endpoint (:8002/metrics), labels {model, version}.
+    Counters and gauges follow the engine's totals; histograms are observed per request."""
+
+    COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
+                "prefix_cache_queries", "prefix_cache_hits")
+    GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    HISTOGRAMS = {
+        "time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                                        2.5, 5.0, 7.5, 10.0],
+        "e2e_request_latency_seconds": [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0],
+        "request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+        "request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+    }
+    REFRESH_S = 0.5
+
+    def __init__(self, labels):
+        kinds = [(n, pb_utils.MetricFamily.COUNTER) for n in self.COUNTERS] + \
+                [(n, pb_utils.MetricFamily.GAUGE) for n in self.GAUGES]
+        self.metrics, self.seen, self.next_refresh = {}, {n: 0 for n in self.COUNTERS}, 0.0
+        self.families = []   # a Metric works only while its MetricFamily lives
+        for name, kind in kinds + [(n, pb_utils.MetricFamily.HISTOGRAM) for n in self.HISTOGRAMS]:
+            family = pb_utils.MetricFamily(name=f"vllm:{name}", description=name.replace("_", " "), kind=kind)
+            self.families.append(family)
+            buckets = self.HISTOGRAMS.get(name)
+            self.metrics[name] = family.Metric(labels=labels, **({"buckets": buckets} if buckets else {}))
+
+    def refresh(self, stats, now):
+        if now < self.next_refresh:
+            return
+        self.next_refresh = now + self.REFRESH_S
+        for name in self.COUNTERS:
+            delta = stats[name] - self.seen[name]
+            if delta > 0:
+                self.metrics[name].increment(delta)
+                self.seen[name] = stats[name]
+        for name in self.GAUGES:
+            self.metrics[name].set(stats[name])
+
+    def observe(self, name, value):
+        self.metrics[name].observe(value)
+
+    def close(self):
+        self.metrics.clear()    # Metric objects first, then their families (Triton requires this order)
+        self.families.clear()
+
+
 class _Request:
     """Per-request state, touched only by the sender thread after add_request."""
     __slots__ = ("request_id", "sender", "prompt", "stream", "prepend_input", "n", "want", "tokens_sent",
-                 "done", "next_cancel_check")
+                 "done", "next_cancel_check", "t_start", "first_token_seen")
 
     def __init__(self, request_id, sender, prompt, stream, prepend_input, n, want):
         self.request_id = request_id
@@ -82,6 +129,8 @@ class _Request:
         self.tokens_sent = [0] * n      # per sample: output tokens covered by responses sent
         self.done = False
         self.next_cancel_check = 0.0
+        self.t_start = time.monotonic()
+        self.first_token_seen = False
 
 
 class _BadRequest(ValueError):
@@ -135,6 +184,11 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._queue = queue.SimpleQueue()
         self._live = set()  # requests with outputs seen and no final response yet (sender thread only)
+        try:
+            self._metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
+        except Exception as e:  # noqa: BLE001 - metrics off (--allow-metrics=false) or unsupported
+            self.logger.log_info(f"llm: no vLLM-style metrics ({e})")
+            self._metrics = None
         self._sender_thread = threading.Thread(target=self._sender_loop, name="llm-response-sender",
                                                daemon=True)
         self._sender_thread.start()
@@ -263,9 +317,27 @@ class TritonPythonModel:
                 if state.done:
                     live.discard(state)
             self._check_silent_requests(merged, now, interval)
+            if self._metrics is not None:
+                try:
+                    self._record_metrics(merged, now)
+                except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
+                    self.logger.log_error(f"llm: metrics disabled after an error: {e}")
+                    self._metrics = None
             busy = time.monotonic() - now
             if busy > SENDER_BUSY_ROUND_S and not stopping:
                 time.sleep(min(busy, SENDER_MAX_REST_S))
+
+    def _record_metrics(self, merged, now):
+        metrics = self._metrics
+        for state, (_, output) in merged.items():
+            if not state.first_token_seen and any(s.token_ids for s in output.samples):
+                state.first_token_seen = True
+                metrics.observe("time_to_first_token_seconds", now - state.t_start)
+            if output.finished and output.error is None:
+                metrics.observe("e2e_request_latency_seconds", now - state.t_start)
+                metrics.observe("request_prompt_tokens", output.num_prompt_tokens)
+                metrics.observe("request_generation_tokens", sum(len(s.token_ids) for s in output.samples))
+        metrics.refresh(self.engine.stats(), now)
 
     def _check_silent_requests(self, merged, now, interval):
         """Requests with no output this round (still waiting for the engine, or between outputs)
@@ -351,3 +423,5 @@ class TritonPythonModel:
         finally:
             self._queue.put(None)
             self._sender_thread.join(timeout=30)
+            if self._metrics is not None:
+                self._metrics.close()
