@@ -39,6 +39,7 @@ class PendingTokens:
     row_of: dict[int, int]      # id(seq) -> row in tokens
 
 OutputCallback = Callable[[RequestOutput], None]
+_NOTHING: frozenset[int] = frozenset()
 
 
 class LLMEngine:
@@ -59,6 +60,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
         self._groups: dict[str, SequenceGroup] = {}
+        self._ids_in_flight: set[str] = set()   # added under _wakeup by add_request, removed when finished
         # Tensor parallelism steps synchronously and eagerly (its inputs are broadcast from the host).
         self._async = not self.workers and (config.async_scheduling == "true" or (
             config.async_scheduling == "auto" and self.device.type == "cuda"))
@@ -131,13 +133,11 @@ class LLMEngine:
                 raise RuntimeError("the engine is shutting down")
             if not self.healthy:
                 raise RuntimeError("the engine is not healthy (a tensor-parallel worker exited)")
-            if request_id in self._groups or any(g.request_id == request_id for _, g in self._inbox_adds()):
+            if request_id in self._ids_in_flight:
                 raise ValueError(f"request id {request_id!r} is already in flight")
+            self._ids_in_flight.add(request_id)
             self._inbox.append(("add", SequenceGroup(seq, on_output)))
             self._wakeup.notify()
-
-    def _inbox_adds(self):
-        return [item for item in list(self._inbox) if item[0] == "add"]
 
     def _check_fits(self, ids: list[int], params: SamplingParams):
         if not ids:
@@ -260,8 +260,7 @@ class LLMEngine:
                     row_seqs.append(child)
             rows.append(row)
             row_seqs.append(seq)
-            if not touched or touched[-1] is not group:
-                touched.append(group)
+            touched.append(group)
         if rows:
             tokens = self.runner.sampler(logits[rows], row_seqs, [self._masked_ids(s) for s in row_seqs])
             for seq, token in zip(row_seqs, tokens):
@@ -269,7 +268,7 @@ class LLMEngine:
         for group, items in beams.items():
             if self._beam_step(group, items, logits):
                 touched.append(group)
-        return list(dict.fromkeys(touched))
+        return touched   # step() removes repeats
 
     def _fork_samples(self, parent: Sequence) -> list[Sequence]:
         """Split a request into its n samples when its prompt is done: they share the prompt's blocks."""
@@ -327,7 +326,7 @@ class LLMEngine:
         """Token ids that may not be drawn yet (stop ids before min_tokens)."""
         p = seq.params
         if seq.num_output_tokens >= p.min_tokens:
-            return set()
+            return _NOTHING
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
 
     def _beam_step(self, group: SequenceGroup, items: list[tuple[int, Sequence]], logits) -> bool:
@@ -386,8 +385,7 @@ class LLMEngine:
         for i, seq in enumerate(hyps):
             seq.index, seq.finish_reason = i, reason
             seq.status = SequenceStatus.FINISHED
-            seq.detok.text = self.tokenizer.decode(seq.output_token_ids,
-                                                   skip_special_tokens=group.params.skip_special_tokens)
+            seq.detok.text = self.decode(seq.output_token_ids, skip_special_tokens=group.params.skip_special_tokens)
             seq.num_sent_chars = 0
         group.seqs = hyps
 
@@ -428,6 +426,7 @@ class LLMEngine:
             outputs.append(o)
             if o.finished and self._groups.pop(group.request_id, None) is not None:
                 self._num_forking -= group.forks
+                self._ids_in_flight.discard(group.request_id)
             if group.callback is not None:
                 try:
                     group.callback(o)

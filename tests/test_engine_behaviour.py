@@ -151,3 +151,15 @@ def test_thread_loop_callbacks_abort_and_shutdown(tiny_checkpoints):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     with pytest.raises(RuntimeError):
         engine.add_request("d", "To be", greedy(4), on_output)
+
+
+def test_request_id_unique_while_in_flight(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"])
+    engine.add_request("same", "To be", greedy(3))
+    with pytest.raises(ValueError, match="already in flight"):
+        engine.add_request("same", "To be", greedy(3))
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request("same", "To be", greedy(3))   # finished: the id is free again
+    while engine.has_unfinished():
+        engine.step()

@@ -44,6 +44,7 @@ def reset(engine, num_blocks, block_size, max_seqs, budget, policy, seed):
     sched.schedule = recording_schedule
     engine.runner = RandomLogitsRunner(engine.runner.sampler, 384, seed)
     engine._groups.clear()
+    engine._ids_in_flight.clear()
     engine._pending, engine._num_forking = None, 0
 
 

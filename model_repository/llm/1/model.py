@@ -342,28 +342,31 @@ class TritonPythonModel:
     def _check_silent_requests(self, merged, now, interval):
         """Requests with no output this round (still waiting for the engine, or between outputs)
         are asked about cancellation too, so a cancelled request does not wait to be scheduled."""
-        for state in [s for s in self._live if s not in merged and not s.done and now >= s.next_cancel_check]:
-            state.next_cancel_check = now + interval
-            if state.sender.is_cancelled():
-                state.done = True
+        for state in [s for s in self._live if s not in merged and not s.done]:
+            if self._cancel_if_asked(state, now, interval):
                 self._live.discard(state)
-                self.engine.abort(state.request_id)
-                self.logger.log_info(f"llm: request {state.request_id} cancelled by the client: aborted")
-                self._send_error(state.sender, "request was cancelled", pb_utils.TritonError.CANCELLED)
+
+    def _cancel_if_asked(self, state, now, interval):
+        """When a check is due, ask Triton whether the client cancelled; if so abort the request in
+        the engine and send its final CANCELLED error. True when it was cancelled."""
+        if now < state.next_cancel_check:
+            return False
+        state.next_cancel_check = now + interval
+        if not state.sender.is_cancelled():
+            return False
+        state.done = True
+        self.engine.abort(state.request_id)
+        self.logger.log_info(f"llm: request {state.request_id} cancelled by the client: aborted")
+        self._send_error(state.sender, "request was cancelled", pb_utils.TritonError.CANCELLED)
+        return True
 
     def _respond(self, state, pieces, output, now, interval):
         if state.done:
             return
         if output.finished:
             state.done = True
-        elif now >= state.next_cancel_check:
-            state.next_cancel_check = now + interval
-            if state.sender.is_cancelled():
-                state.done = True
-                self.engine.abort(state.request_id)
-                self.logger.log_info(f"llm: request {state.request_id} cancelled by the client: aborted")
-                self._send_error(state.sender, "request was cancelled", pb_utils.TritonError.CANCELLED)
-                return
+        elif self._cancel_if_asked(state, now, interval):
+            return
         if output.error:
             self._send_error(state.sender, output.error, pb_utils.TritonError.INTERNAL)
             return
