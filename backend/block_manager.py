@@ -12,7 +12,7 @@
 """
 from collections import OrderedDict
 
-from backend.sequence import PLACEHOLDER, Sequence
+from backend.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -109,7 +109,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits, parent = [], None
-        for i in range(seq.num_tokens // self.block_size):
+        for i in range(len(seq.token_ids) // self.block_size):
             block_id = self.cached.get(self._key(seq, i, parent))
             if block_id is None:
                 break
@@ -134,8 +134,8 @@ class BlockManager:
         """Hash the blocks that the last step filled, so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
-        known = seq.num_tokens - (seq.token_ids[-1] == PLACEHOLDER)   # a pending token is not hashed yet
-        full = min(seq.num_computed_tokens, known) // self.block_size
+        # A token still in flight (async scheduling) is not known yet: its block waits.
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if full <= len(seq.block_hashes):
             return
         for i in range(len(seq.block_hashes), full):

@@ -1,7 +1,9 @@
 """EngineConfig: the engine's settings, with vLLM's names, parsed and validated from strings."""
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+import torch
 
 
 @dataclass
@@ -24,13 +26,17 @@ class EngineConfig:
     tensor_parallel_size: int = 1          # ranks (processes) one model is split across
     async_scheduling: str = "auto"         # overlap host work with the GPU step; auto: on CUDA
     scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
+    # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
+    hf: dict = field(default=None, init=False, repr=False)                     # the model's config.json
+    torch_device: torch.device = field(default=None, init=False, repr=False)
+    torch_dtype: torch.dtype = field(default=None, init=False, repr=False)
 
     DTYPES = ("auto", "float32", "float16", "bfloat16")
 
     @classmethod
     def from_parameters(cls, params: dict, model_dir_base: str = "") -> "EngineConfig":
         """Build from Triton's string parameters; unknown keys are an error (a typo must not pass)."""
-        known = {f.name: f for f in fields(cls)}
+        known = {f.name: f for f in fields(cls) if f.init}
         kwargs = {}
         for key, raw in params.items():
             if key not in known:
@@ -74,9 +80,27 @@ class EngineConfig:
         check(self.async_scheduling in ("auto", "true", "false"), "async_scheduling", "must be auto, true or false")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
 
-    def hf_config(self) -> dict:
+    def resolve(self) -> "EngineConfig":
+        """Settle what "auto" and 0 stand for: the device, the dtype, max_model_len and the model's
+        config.json. Idempotent; the result pickles, so tensor-parallel ranks get the same values."""
+        if self.hf is not None:
+            return self
         with open(os.path.join(self.model, "config.json")) as f:
-            return json.load(f)
+            self.hf = json.load(f)
+        if self.device == "auto":
+            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.torch_device = torch.device(self.device)
+        self.torch_dtype = self._pick_dtype()
+        self.max_model_len = self.max_model_len or self.hf.get("max_position_embeddings", 4096)
+        return self
+
+    def _pick_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
 
 
 def _convert(key, value, typ):

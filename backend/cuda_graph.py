@@ -9,7 +9,7 @@ names; their outputs are ignored.
 import numpy as np
 import torch
 
-from backend.models.llama import AttentionMetadata
+from backend.attention import AttentionMetadata
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:

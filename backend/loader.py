@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from backend import parallel
+from backend.config import EngineConfig
 from backend.models.llama import LlamaArgs, LlamaForCausalLM, rope_cos_sin_cache, shard_for_rank
 
 
@@ -32,18 +33,19 @@ def safetensors_files(model_dir: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def load_model(hf_config: dict, model_dir: str, device: torch.device, dtype: torch.dtype,
-               max_model_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
-    args = shard_for_rank(LlamaArgs.from_hf(hf_config), parallel.tp_size(), parallel.tp_rank())
-    with torch.device(device), _default_dtype(dtype):
+def load_model(config: EngineConfig) -> LlamaForCausalLM:
+    """config: resolved (EngineConfig.resolve); this rank's shard under tensor parallelism."""
+    args = shard_for_rank(LlamaArgs.from_hf(config.hf), parallel.tp_size(), parallel.tp_rank())
+    device = config.torch_device
+    with torch.device(device), _default_dtype(config.torch_dtype):
         model = LlamaForCausalLM(args)
-    if load_format == "dummy":
-        _init_dummy(model, seed)
+    if config.load_format == "dummy":
+        _init_dummy(model, config.seed)
     else:
-        _load_safetensors(model, model_dir, device)
+        _load_safetensors(model, config.model, device)
     model.fuse_weights()
     # RoPE angles stay fp32 whatever the weights' dtype.
-    model.cos_sin_cache = rope_cos_sin_cache(args, max(max_model_len, args.max_position)).to(device)
+    model.cos_sin_cache = rope_cos_sin_cache(args, max(config.max_model_len, args.max_position)).to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -2,23 +2,23 @@
 import torch
 
 from backend import parallel
+from backend.attention import AttentionMetadata
 from backend.config import EngineConfig
-from backend.loader import load_model
 from backend.cuda_graph import DecodeGraphs
-from backend.models.llama import AttentionMetadata
-from backend.sampler import Sampler
+from backend.loader import load_model
+from backend.sampler import Sampler, SamplingBatch, StepResult
 from backend.scheduler import SchedulerOutput
-from backend.sequence import PLACEHOLDER, Sequence
+from backend.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: dict, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
-        self.config, self.device, self.dtype = config, device, dtype
+    def __init__(self, config: EngineConfig):
+        config.resolve()
+        self.config = config
+        device, dtype, max_model_len = config.torch_device, config.torch_dtype, config.max_model_len
+        self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.block_size = config.block_size
-        self.model = load_model(hf_config, config.model, device, dtype, max_model_len, config.load_format,
-                                config.seed)
-        self.max_model_len = max_model_len
+        self.model = load_model(config)
         self.num_blocks = self._num_kv_blocks()
         if parallel.tp_size() > 1:   # every rank's pool must have the same block ids
             self.num_blocks = parallel.min_across_ranks(self.num_blocks)
@@ -102,11 +102,14 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput):
         input_ids, positions, slots, seq_lens, starts = [], [], [], [], [0]
-        logits_indices, sample_seqs = [], []
+        logits_indices = []
         bs = self.block_size
         for seq, n in zip(out.seqs, out.num_new_tokens):
             c = seq.num_computed_tokens
-            input_ids += seq.token_ids[c:c + n]   # a pending token is PLACEHOLDER here: see _fill_pending
+            tokens = seq.token_ids[c:c + n]
+            input_ids += tokens
+            if len(tokens) < n:     # a token in flight (async scheduling): see _fill_in_flight
+                input_ids += [0] * (n - len(tokens))
             positions += range(c, c + n)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
@@ -114,7 +117,6 @@ class ModelRunner:
             starts.append(starts[-1] + n)
             if c + n == seq.num_tokens:     # the prompt is complete: this step yields a token
                 logits_indices.append(starts[-1] - 1)
-                sample_seqs.append(seq)
         width = max(len(s.block_table) for s in out.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in out.seqs]
         dev = self.device
@@ -126,7 +128,7 @@ class ModelRunner:
                                  seq_lens=tensor(seq_lens), query_start_loc=tensor(starts),
                                  max_query_len=max(out.num_new_tokens))
         return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
-                tensor(logits_indices, torch.long), sample_seqs)
+                tensor(logits_indices, torch.long))
 
     def _run_tensor_parallel(self, out, input_ids, positions, meta, logits_indices):
         """Rank 0: send the step to the other ranks, then run it together with them."""
@@ -149,28 +151,29 @@ class ModelRunner:
         hidden = self.model(p["input_ids"], p["positions"], self.kv_caches, meta)
         return self.model.compute_logits(hidden[p["logits_indices"]])
 
-    def _fill_pending(self, input_ids: torch.Tensor, seqs: list[Sequence], last_positions: list[int], pending):
-        """Async scheduling: the last step's tokens are still on the GPU (the host has placeholders);
-        copy them into this step's inputs there, without a round trip through the host."""
-        if pending is None:
-            return
+    def _fill_in_flight(self, input_ids: torch.Tensor, seqs: list[Sequence], last_positions, in_flight: StepResult):
+        """Async scheduling: the last step's tokens are still on their way to the host; copy them
+        into this step's inputs on the GPU. last_positions[i]: where seqs[i]'s last input token
+        sits in input_ids (-1: its chunk does not reach its end)."""
         at, rows = [], []
         for seq, i in zip(seqs, last_positions):
-            row = pending.row_of.get(id(seq))
-            if row is not None and i >= 0 and seq.token_ids[-1] == PLACEHOLDER:
-                at.append(i)
-                rows.append(row)
+            if i >= 0 and seq.num_placeholders:
+                row = in_flight.row_of(seq)
+                if row is not None:
+                    at.append(i)
+                    rows.append(row)
         if at:
             at_t = torch.tensor(at, device=self.device)
-            input_ids[at_t] = pending.tokens[torch.tensor(rows, device=self.device)]
+            input_ids[at_t] = in_flight.token_ids[torch.tensor(rows, device=self.device)]
 
-    def _run_decode_graph(self, seqs: list[Sequence], pending=None) -> torch.Tensor:
+    def _run_decode_graph(self, seqs: list[Sequence], in_flight: StepResult | None) -> torch.Tensor:
         bs = self.block_size
         positions = [s.num_computed_tokens for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        fill = None if pending is None else (lambda ids: self._fill_pending(ids, seqs, range(len(seqs)), pending))
-        return self.graphs.run([s.token_ids[p] for s, p in zip(seqs, positions)], positions, slots,
-                               [p + 1 for p in positions], [s.block_table for s in seqs], fill)
+        known = [s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, positions)]
+        fill = None if in_flight is None else (lambda ids: self._fill_in_flight(ids, seqs, range(len(seqs)), in_flight))
+        return self.graphs.run(known, positions, slots, [p + 1 for p in positions], [s.block_table for s in seqs],
+                               fill)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
@@ -179,24 +182,27 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, pending=None) -> tuple[list[Sequence], torch.Tensor]:
-        """Forward every scheduled token; logits [len(seqs), vocab] fp32 for the sequences whose
-        prompt is now complete (the ones that get a new token this step). `pending`: the previous
-        step's PendingTokens when its tokens are not on the host yet (async scheduling)."""
+    def run(self, out: SchedulerOutput, batch: SamplingBatch, in_flight: StepResult | None = None) -> StepResult:
+        """Forward every scheduled token and draw the batch's tokens. `in_flight`: the previous
+        step's result while its tokens are not on the host yet (async scheduling)."""
+        return self.sampler.sample_step(self._forward(out, in_flight), batch)
+
+    def _forward(self, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
+        """Logits [len(out.sampling_seqs()), vocab] fp32."""
         self.copy_blocks(out.block_copies)
         if self.graphs is not None and self.graphs.can_run(len(out.seqs)) and all(
                 n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)):
-            return out.seqs, self.model.compute_logits(self._run_decode_graph(out.seqs, pending))
-        input_ids, positions, meta, logits_indices, sample_seqs = self.prepare(out)
+            return self.model.compute_logits(self._run_decode_graph(out.seqs, in_flight))
+        input_ids, positions, meta, logits_indices = self.prepare(out)
         if parallel.tp_size() > 1:
-            return sample_seqs, self._run_tensor_parallel(out, input_ids, positions, meta, logits_indices)
-        if pending is not None:
+            return self._run_tensor_parallel(out, input_ids, positions, meta, logits_indices)
+        if in_flight is not None:
             ends, last = [], -1
             for seq, n in zip(out.seqs, out.num_new_tokens):
                 last += n
                 ends.append(last if seq.num_computed_tokens + n == seq.num_tokens else -1)
-            self._fill_pending(input_ids, out.seqs, ends, pending)
+            self._fill_in_flight(input_ids, out.seqs, ends, in_flight)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_seqs:
-            return [], hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
-        return sample_seqs, self.model.compute_logits(hidden[logits_indices])
+        if not logits_indices.numel():
+            return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[logits_indices])

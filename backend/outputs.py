@@ -1,5 +1,26 @@
-"""What the engine hands back: one RequestOutput per request per step in which it progressed."""
+"""The messages between the layers.
+
+core -> front, once per step per request that progressed: CoreOutput (token ids only: small, and
+it could cross a process boundary). front -> caller: RequestOutput (text, ids, finish reasons).
+"""
 from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleUpdate:
+    index: int                         # which of the request's samples (or final beams, best first)
+    new_token_ids: list[int]
+    finish_reason: str | None = None   # "stop", "length", "abort"
+    cumulative_logprob: float | None = None
+    replace: bool = False              # beam search: new_token_ids is the whole output (beams reorder)
+
+
+@dataclass
+class CoreOutput:
+    request_id: str
+    samples: list[SampleUpdate]
+    finished: bool = False
+    error: str | None = None
 
 
 @dataclass

@@ -6,11 +6,7 @@ broadcasts the step's inputs; all ranks run the forward pass together (all-reduc
 row-parallel layers, all-gather of the vocabulary-parallel logits).
 """
 import datetime
-import multiprocessing
 import os
-import shutil
-import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -66,35 +62,3 @@ def min_across_ranks(n: int) -> int:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def start_workers(size: int, config, hf_config: dict, max_model_len: int, device_type: str):
-    """Spawn ranks 1..size-1; returns (processes, init_file) for rank 0 to join with init()."""
-    init_file = tempfile.mktemp(prefix="llm-tp-")
-    ctx = multiprocessing.get_context("spawn")
-    if not os.path.basename(sys.executable).startswith("python"):
-        # Inside Triton's Python-backend stub sys.executable is the stub: spawn with the env's python.
-        ctx.set_executable(shutil.which("python3"))
-    procs = []
-    for rank in range(1, size):
-        p = ctx.Process(target=worker_main, args=(rank, size, init_file, config, hf_config, max_model_len,
-                                                  device_type), name=f"llm-tp-worker-{rank}", daemon=True)
-        p.start()
-        procs.append(p)
-    return procs, init_file
-
-
-def worker_main(rank, size, init_file, config, hf_config, max_model_len, device_type):
-    from backend.engine import _pick_dtype
-    from backend.model_runner import ModelRunner
-    init(rank, size, init_file, device_type)
-    device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    runner = ModelRunner(config, hf_config, device, _pick_dtype(config.dtype, device), max_model_len)
-    while True:
-        payload = broadcast_step(None)
-        if payload is None:
-            break
-        runner.execute_step(payload)
-    shutdown()

@@ -6,9 +6,56 @@ argmax(probs / Exp(1) noise), which needs no torch.multinomial renormalisation o
 Rows with a seed draw their noise from their own generator, so their draws do not depend on
 what else is in the batch.
 """
+from dataclasses import dataclass, field
+
 import torch
 
 from backend.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    """What a step draws, decided by the engine core before the forward pass."""
+    seqs: list[Sequence] = field(default_factory=list)       # one token each
+    rows: list[int] = field(default_factory=list)            # its row of the step's logits (n samples share one)
+    masked_ids: list[set[int]] = field(default_factory=list)  # ids it may not draw yet
+    beam_seqs: list[Sequence] = field(default_factory=list)  # beams: full log-probs instead of a token
+    beam_rows: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, row: int, masked_ids: set[int]):
+        self.seqs.append(seq)
+        self.rows.append(row)
+        self.masked_ids.append(masked_ids)
+
+
+class StepResult:
+    """A step's sampled tokens, on the device; copied to the host without blocking, so the next
+    step can launch first (async scheduling) and read them from here in the meantime."""
+
+    def __init__(self, seqs: list[Sequence], token_ids: torch.Tensor, beam_seqs=(), beam_logprobs=None):
+        self.seqs = seqs
+        self.token_ids = token_ids              # [len(seqs)] int64, on the device
+        self.beam_seqs = list(beam_seqs)
+        self.beam_logprobs = beam_logprobs      # [len(beam_seqs), vocab] fp32, or None
+        self._row_of: dict[int, int] | None = None
+        cuda = token_ids.is_cuda
+        self._host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
+        self._host.copy_(token_ids, non_blocking=cuda)
+        self._event = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def row_of(self, seq: Sequence) -> int | None:
+        if self._row_of is None:
+            self._row_of = {id(s): i for i, s in enumerate(self.seqs)}
+        return self._row_of.get(id(seq))
+
+    def host_token_ids(self) -> list[int]:
+        """Waits for the copy (only for this step's GPU work, not for later launches)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 class Sampler:
@@ -16,8 +63,16 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)   # requests without a seed
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> list[int]:
-        return self.sample(logits, seqs, masked_ids).tolist()
+    def sample_step(self, logits: torch.Tensor, batch: SamplingBatch) -> StepResult:
+        """logits: one row per sampling sequence of the step (SchedulerOutput.sampling_seqs)."""
+        beam_logprobs = None
+        if batch.beam_seqs:
+            beam_logprobs = torch.log_softmax(logits[batch.beam_rows], dim=-1)
+        rows = batch.rows
+        if rows != list(range(logits.shape[0])):
+            logits = logits[rows]
+        tokens = self.sample(logits, batch.seqs, batch.masked_ids) if rows else logits.new_empty(0, dtype=torch.long)
+        return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
         """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i.

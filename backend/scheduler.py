@@ -25,6 +25,11 @@ class SchedulerOutput:
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that draw a token this step: those whose scheduled tokens reach their end
+        (a decode, or a prompt's last chunk), in step order; one logits row each."""
+        return [s for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+
     def __bool__(self):
         return bool(self.seqs)
 
@@ -47,10 +52,15 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=self._key)
 
-    def add_running(self, seq: Sequence):
-        """A sequence forked from a running one (it already shares its parent's blocks)."""
-        seq.status = SequenceStatus.RUNNING
-        bisect.insort(self.running, seq, key=self._key)
+    def add_forked(self, parent: Sequence, child: Sequence):
+        """A sample or beam forked from a running sequence: it shares its parent's blocks."""
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, child, key=self._key)
+
+    def recompute_last(self, seq: Sequence):
+        """seq computes its last token again next step (beams that must advance together)."""
+        seq.num_computed_tokens -= 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -129,10 +139,12 @@ class Scheduler:
                 break
 
     def finish(self, seq: Sequence, reason: str):
-        """Finish seq wherever it is; its blocks go back to the pool at once."""
+        """Finish seq wherever it is; its blocks go back to the pool at once. A token of it still in
+        flight (async scheduling) is dropped."""
         was = seq.status
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_placeholders = 0
         self.block_manager.free(seq)
         queue = self.running if was == SequenceStatus.RUNNING else self.waiting if was == SequenceStatus.WAITING else []
         for i, s in enumerate(queue):   # identity, not ==: forks compare equal to nothing else anyway

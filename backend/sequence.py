@@ -1,5 +1,8 @@
-"""Sequence: one sample's tokens, progress and KV blocks; SequenceGroup: one request's samples/beams."""
-import copy
+"""Sequence: one sample's tokens, progress and KV blocks; SequenceGroup: one request's samples/beams.
+
+This is the scheduling record: what the scheduler, the block manager and the model runner need.
+Output state (text, what was sent) lives in the output processor, not here.
+"""
 import enum
 import itertools
 import time
@@ -14,17 +17,19 @@ class SequenceStatus(enum.Enum):
 
 
 _arrival_counter = itertools.count()
-PLACEHOLDER = -1   # a token sampled on the GPU whose value the host does not know yet (async scheduling)
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams):
         self.request_id = request_id
-        self.prompt = prompt
         self.params = params
-        self.token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids = list(token_ids)           # prompt + output tokens known on the host
+        self.num_prompt_tokens = num_prompt_tokens
+        # Tokens sampled on the GPU whose values the host does not know yet (async scheduling):
+        # they follow token_ids and count in num_tokens.
+        self.num_placeholders = 0
         self.num_computed_tokens = 0      # tokens whose KV is in the cache (or being computed this step)
+        self.num_reported_tokens = num_prompt_tokens   # tokens already handed to the output processor
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, in order
         self.status = SequenceStatus.WAITING
@@ -36,16 +41,14 @@ class Sequence:
         self.index = 0                           # sample index within its request
         self.cum_logprob = 0.0                   # beam search score
         self.generator = None                    # per-sample torch.Generator when params.seed is set
-        self.detok = None                        # backend.detokenizer.DetokenizerState
-        self.num_sent_chars = 0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -68,12 +71,18 @@ class Sequence:
         return max(self.params.n, self.params.beam_width)
 
     def fork(self, index: int) -> "Sequence":
-        """A copy that shares this sequence's progress; the caller shares the blocks (BlockManager.fork)."""
-        child = copy.copy(self)
-        child.token_ids = list(self.token_ids)
-        child.block_table, child.block_hashes = [], []
-        child.detok = copy.copy(self.detok)
+        """A sequence with this one's tokens and progress, field by field (a new field must be
+        decided here, never shared by accident). No blocks: the caller shares them
+        (BlockManager.fork), and no generator."""
+        child = Sequence(self.request_id, self.token_ids, self.num_prompt_tokens, self.params)
+        child.num_placeholders = self.num_placeholders
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_reported_tokens = self.num_reported_tokens
+        child.status = self.status
+        child.arrival, child.arrival_time, child.priority = self.arrival, self.arrival_time, self.priority
+        child.group = self.group
         child.index = index
+        child.cum_logprob = self.cum_logprob
         return child
 
     def __repr__(self):
@@ -85,20 +94,19 @@ class SequenceGroup:
     """The samples (n > 1) or beams of one request. Starts as one sequence that runs the prompt;
     it forks into n samples (or the beams) when the prompt's first token is drawn."""
 
-    def __init__(self, seq: Sequence, callback=None):
+    def __init__(self, seq: Sequence):
         self.request_id = seq.request_id
         self.params = seq.params
         self.seqs = [seq]
-        self.callback = callback
         self.forked = False
         self.beam_hyps: list[tuple[float, Sequence]] = []   # finished beams (score, seq)
         self.error: str | None = None
         seq.group = self
 
     @property
-    def forks(self) -> int:
-        """1 if this request forks into several sequences (n > 1 or beams), else 0."""
-        return int(self.params.n > 1 or self.params.use_beam_search)
+    def forks(self) -> bool:
+        """True if this request forks into several sequences (n > 1 or beams)."""
+        return self.params.n > 1 or self.params.use_beam_search
 
     @property
     def is_beam(self) -> bool:

@@ -7,13 +7,12 @@
 usage: python bench/bench_engine_core.py [--model PATH]      prints markdown tables
 """
 import argparse
+import json
 import os
 import random
 import statistics
 import sys
 import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ from backend.engine import LLMEngine  # noqa: E402
 from backend.sampling_params import SamplingParams  # noqa: E402
 from backend.scheduler import Scheduler  # noqa: E402
 from backend.sequence import Sequence  # noqa: E402
+import tests.helpers  # noqa: E402  (the engine with a stand-in for the forward pass)
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "model_repository", "llm", "tiny-shakespeare")
 
@@ -36,7 +36,8 @@ def scheduler_step_time(num_seqs: int, steps: int = 300) -> float:
     prompts = [[rng.randrange(1, 30000) for _ in range(rng.randint(100, 1000))] for _ in range(64)]
 
     def new_seq(i):
-        seq = Sequence(str(i), "", prompts[i % len(prompts)], SamplingParams(max_tokens=rng.randint(50, 300)))
+        prompt = prompts[i % len(prompts)]
+        seq = Sequence(str(i), prompt, len(prompt), SamplingParams(max_tokens=rng.randint(50, 300)))
         sched.add(seq)
         return seq
 
@@ -62,23 +63,14 @@ def scheduler_step_time(num_seqs: int, steps: int = 300) -> float:
     return statistics.mean(times[20:]) * 1e3
 
 
-class RandomLogits:
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def run(self, out):
-        seqs = [s for s, n in zip(out.seqs, out.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        return seqs, torch.randn(len(seqs), self.vocab)
-
-
-def engine_without_forward(model, **params):
-    engine = LLMEngine(EngineConfig.from_parameters({"model": model, "device": "cpu", **params}))
-    engine.runner.run = RandomLogits(engine.runner.model.args.vocab_size).run
-    return engine
+def engine_without_forward(model, num_blocks, **params):
+    with open(os.path.join(model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    return tests.helpers.engine_without_forward(model, num_blocks, vocab, **params)
 
 
 def kv_waste(model) -> float:
-    engine = engine_without_forward(model, num_gpu_blocks_override="4000", max_num_seqs="128")
+    engine = engine_without_forward(model, 4000, max_num_seqs="128")
     rng = random.Random(1)
     for i in range(300):
         ids = [rng.randrange(2, 4000) for _ in range(rng.randint(20, 700))]
@@ -87,7 +79,7 @@ def kv_waste(model) -> float:
     wastes = []
     while engine.has_unfinished():
         engine.step()
-        stats = engine.block_manager.memory_stats(engine.scheduler.running)
+        stats = engine.core.block_manager.memory_stats(engine.core.scheduler.running)
         if stats["allocated_slots"]:
             wastes.append((stats["allocated_slots"], stats["used_slots"]))
     return 1 - sum(u for _, u in wastes) / sum(a for a, _ in wastes)
@@ -95,12 +87,12 @@ def kv_waste(model) -> float:
 
 def sharing(model, params: SamplingParams, prompt_len=512):
     """Peak KV blocks of one request with sharing, vs the blocks its sequences would hold unshared."""
-    engine = engine_without_forward(model, num_gpu_blocks_override="2000")
+    engine = engine_without_forward(model, 2000)
     engine.add_request("x", "", params, prompt_token_ids=[random.randrange(2, 4000) for _ in range(prompt_len)])
     peak = (0, 0)
     while engine.has_unfinished():
         engine.step()
-        stats = engine.block_manager.memory_stats(engine.scheduler.running)
+        stats = engine.core.block_manager.memory_stats(engine.core.scheduler.running)
         if stats["blocks"] + stats["blocks_saved_by_sharing"] > sum(peak):
             peak = (stats["blocks"], stats["blocks_saved_by_sharing"])
     return peak

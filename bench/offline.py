@@ -40,12 +40,12 @@ def timed_steps(engine):
     kind, against the engine's whole step."""
     stats = {"run_s": 0.0, "steps": 0, "decode_s": 0.0, "decode_steps": 0, "mixed_s": 0.0, "mixed_steps": 0,
              "mixed_tokens": 0}
-    run = engine.runner.run
+    run = engine.core.runner.run
 
-    def timed(out, pending=None):
+    def timed(out, batch, in_flight=None):
         t0 = time.perf_counter()
-        r = run(out, pending)
-        if r[1].is_cuda:
+        r = run(out, batch, in_flight)
+        if r.token_ids.is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         stats["run_s"] += dt
@@ -56,7 +56,7 @@ def timed_steps(engine):
         if kind == "mixed":
             stats["mixed_tokens"] += out.total_tokens
         return r
-    engine.runner.run = timed
+    engine.core.runner.run = timed
     return stats
 
 
@@ -102,16 +102,16 @@ def main():
               for o in outs]
     engine.generate(prompts[:4], [SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)] * 4)
     stats = timed_steps(engine) if a.step_profile else {}
-    torch.cuda.synchronize() if engine.device.type == "cuda" else None
+    torch.cuda.synchronize() if engine.config.torch_device.type == "cuda" else None
     t0 = time.perf_counter()
     results = engine.generate(prompts, params)
     dt = time.perf_counter() - t0
     n = sum(len(r.token_ids) for r in results)
     print(json.dumps(dict(engine="ours", shape=a.shape, num_seqs=a.num_seqs, input_len=a.input_len,
                           output_len=a.output_len, output_tokens=n, seconds=round(dt, 2),
-                          output_tok_s=round(n / dt, 1), tensor_parallel_size=a.tensor_parallel_size, kv_blocks=engine.runner.num_blocks,
-                          load_s=round(t_load, 1), cuda_graphs=engine.runner.graphs is not None,
-                          async_scheduling=engine._async, ms_per_output_step=round(dt / max(a.output_len) * 1e3, 2),
+                          output_tok_s=round(n / dt, 1), tensor_parallel_size=a.tensor_parallel_size, kv_blocks=engine.core.runner.num_blocks,
+                          load_s=round(t_load, 1), cuda_graphs=engine.core.runner.graphs is not None,
+                          async_scheduling=engine.core.async_scheduling, ms_per_output_step=round(dt / max(a.output_len) * 1e3, 2),
                           **step_summary(stats, dt))))
     if a.profile:
         profile_steps(engine, prompts[:64], [SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False)] * 64)

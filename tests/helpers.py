@@ -4,14 +4,43 @@ import functools
 import torch
 from transformers import AutoModelForCausalLM
 
+from backend.block_manager import BlockManager
 from backend.config import EngineConfig
 from backend.engine import LLMEngine
+from backend.sampler import Sampler
 from backend.sampling_params import SamplingParams
+from backend.scheduler import Scheduler
+
+
+def engine_config(model_path, **params) -> EngineConfig:
+    params = {"model": model_path, "device": "cpu", **{k: str(v) for k, v in params.items()}}
+    return EngineConfig.from_parameters(params)
 
 
 def make_engine(model_path, **params):
-    params = {"model": model_path, "device": "cpu", **{k: str(v) for k, v in params.items()}}
-    return LLMEngine(EngineConfig.from_parameters(params))
+    return LLMEngine(engine_config(model_path, **params))
+
+
+class RandomLogitsRunner:
+    """Stands in for ModelRunner: the same contract and the real sampler, random logits instead of
+    a forward pass (scheduler and block bookkeeping at full speed)."""
+
+    def __init__(self, vocab, num_blocks, seed=0):
+        self.vocab, self.num_blocks = vocab, num_blocks
+        self.sampler = Sampler(torch.device("cpu"), seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def run(self, out, batch, in_flight=None):
+        logits = torch.randn(len(out.sampling_seqs()), self.vocab, generator=self.gen)
+        return self.sampler.sample_step(logits, batch)
+
+
+def engine_without_forward(model_path, num_blocks, vocab, seed=0, scheduler=None, **params):
+    """An engine whose core runs a RandomLogitsRunner over a pool of num_blocks (or `scheduler`)."""
+    config = engine_config(model_path, **params)
+    scheduler = scheduler or Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+                                       config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+    return LLMEngine(config, runner=RandomLogitsRunner(vocab, num_blocks, seed), scheduler=scheduler)
 
 
 @functools.lru_cache(maxsize=8)

@@ -29,9 +29,9 @@ def test_async_equals_sync(tiny_checkpoints, pool):
     params = mixed_params(sync, prompts)
     ref = outputs(sync, prompts, params)
     eng = make_engine(path, async_scheduling="true", **pool)
-    assert eng._async
+    assert eng.core.async_scheduling
     assert outputs(eng, prompts, params) == ref
-    bm = eng.block_manager
+    bm = eng.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
 
 
@@ -69,4 +69,4 @@ def test_async_abort_mid_flight(tiny_checkpoints):
             break
     assert finals["a"].finish_reason == "abort" and finals["b"].finish_reason == "length"
     assert len(finals["b"].token_ids) == 5
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks

@@ -92,7 +92,7 @@ def test_detokenizer_never_splits_a_character(engine):
     state, deltas, tokens = new_state(len(prompt)), [], list(prompt)
     for t in ids:
         tokens.append(t)
-        deltas.append(decode_delta(engine.decode, tokens, state))
+        deltas.append(decode_delta(engine.processor.decode, tokens, state))
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert sum(1 for d in deltas if d) == len(text)   # one whole character at a time
@@ -148,7 +148,7 @@ def test_thread_loop_callbacks_abort_and_shutdown(tiny_checkpoints):
     engine.add_request("c", "To be", SamplingParams(max_tokens=200, ignore_eos=True, temperature=0), on_output)
     engine.shutdown()
     assert done["c"].is_set() and finals["c"].finish_reason in ("abort", "length")
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
     with pytest.raises(RuntimeError):
         engine.add_request("d", "To be", greedy(4), on_output)
 

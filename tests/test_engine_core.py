@@ -37,7 +37,7 @@ def test_prefix_caching_on_equals_off(path):
     on = make_engine(path, block_size=8)
     ref = token_ids(run_staggered(off, prompts, params, every=4))
     assert token_ids(run_staggered(on, prompts, params, every=4)) == ref
-    bm = on.block_manager
+    bm = on.core.block_manager
     assert bm.num_prefix_hits >= 8 * 32, "later requests reuse the shared 40-token prefix (5 blocks of 8)"
     # The same prompts again: nearly everything hits, and the outputs are still the same.
     hits = bm.num_prefix_hits
@@ -50,9 +50,9 @@ def test_full_prompt_hit_recomputes_last_token(path):
     engine = make_engine(path, block_size=8)
     prompt = prompt_set(1, seed=11)[0][:1] + list(range(3, 34))   # 32 tokens: 4 full blocks
     first = engine.generate([prompt], greedy(10))[0].token_ids
-    hits = engine.block_manager.num_prefix_hits
+    hits = engine.core.block_manager.num_prefix_hits
     assert engine.generate([prompt], greedy(10))[0].token_ids == first
-    assert engine.block_manager.num_prefix_hits - hits == 32
+    assert engine.core.block_manager.num_prefix_hits - hits == 32
 
 
 def test_preemption_gives_the_same_outputs(path):
@@ -62,7 +62,7 @@ def test_preemption_gives_the_same_outputs(path):
     for caching in ("true", "false"):
         small = make_engine(path, num_gpu_blocks_override=12, block_size=8, enable_prefix_caching=caching)
         assert token_ids(small.generate(prompts, params)) == ref
-        assert small.scheduler.num_preemptions > 0
+        assert small.core.scheduler.num_preemptions > 0
 
 
 def test_chunked_prefill_equals_unchunked_with_sampling(path):
@@ -109,14 +109,14 @@ def test_n_samples_share_prompt_blocks(path):
     engine.add_request("x", "", seeded(1, n=4, max_tokens=4), prompt_token_ids=prompt)
     engine.step()   # prefill, sample, fork
     engine.step()   # first decode: copy-on-write of the partial block
-    seqs = engine._groups["x"].seqs
+    seqs = engine.core.requests["x"].seqs
     assert len(seqs) == 4 and all(s.block_table[:5] == seqs[0].block_table[:5] for s in seqs)
     assert len({s.block_table[5] for s in seqs}) == 4
-    stats = engine.block_manager.memory_stats(seqs)
+    stats = engine.core.block_manager.memory_stats(seqs)
     assert stats["blocks_saved_by_sharing"] == 15 and stats["blocks"] == 9
     while engine.has_unfinished():
         engine.step()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def hf_beams(path, prompt, width, max_new, length_penalty=1.0):
@@ -137,7 +137,7 @@ def test_beam_search_equals_hf(tiny_checkpoints, arch):
     outputs = engine.generate(prompts, params)
     for p, o in zip(prompts, outputs):
         assert [s.token_ids for s in o.samples] == hf_beams(path, p, 4, 10)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_beam_search_survives_preemption(path):
@@ -146,7 +146,7 @@ def test_beam_search_survives_preemption(path):
     ref = token_ids(make_engine(path).generate(prompts, params))
     small = make_engine(path, num_gpu_blocks_override=15, block_size=8, max_num_batched_tokens=16, max_num_seqs=16)
     assert token_ids(small.generate(prompts, params)) == ref
-    assert small.scheduler.num_preemptions > 0
+    assert small.core.scheduler.num_preemptions > 0
 
 
 def test_beam_search_stops_at_max_model_len(path):

@@ -4,54 +4,37 @@ bookkeeping is recounted by brute force."""
 from collections import Counter
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from backend.block_manager import BlockManager
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
-from tests.helpers import make_engine
+from tests.helpers import engine_without_forward
 
 STEPS = {"total": 0}
 
 
-class RandomLogitsRunner:
-    """Stands in for ModelRunner: same contract, random logits, no forward pass."""
+class RecordingScheduler(Scheduler):
+    """Keeps each step's SchedulerOutput for the budget check."""
 
-    def __init__(self, sampler, vocab, seed):
-        self.sampler, self.vocab = sampler, vocab
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def run(self, out, pending=None):
-        seqs = [s for s, n in zip(out.seqs, out.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
-        return seqs, torch.randn(len(seqs), self.vocab, generator=self.gen)
+    def schedule(self):
+        self.last = super().schedule()
+        return self.last
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoints):
-    return make_engine(tiny_checkpoints["llama"])
-
-
-def reset(engine, num_blocks, block_size, max_seqs, budget, policy, seed):
-    engine.config.max_num_seqs, engine.config.max_num_batched_tokens, engine.config.block_size = max_seqs, budget, block_size
-    engine.block_manager = BlockManager(num_blocks, block_size)
-    engine.scheduler = sched = Scheduler(engine.block_manager, max_seqs, budget, policy)
-    schedule = sched.schedule
-
-    def recording_schedule():   # keep each step's SchedulerOutput for the budget check
-        sched.last = schedule()
-        return sched.last
-    sched.schedule = recording_schedule
-    engine.runner = RandomLogitsRunner(engine.runner.sampler, 384, seed)
-    engine._groups.clear()
-    engine._ids_in_flight.clear()
-    engine._pending, engine._num_forking = None, 0
+def build(path, num_blocks, block_size, max_seqs, budget, policy, seed, async_scheduling):
+    scheduler = RecordingScheduler(BlockManager(num_blocks, block_size), max_seqs, budget, policy)
+    # The config's limits only decide which requests are refused up front; the scheduler has the real ones.
+    return engine_without_forward(path, num_blocks, 384, seed, scheduler=scheduler, block_size=block_size,
+                                  max_num_seqs=min(max_seqs, budget), max_num_batched_tokens=budget,
+                                  async_scheduling="true" if async_scheduling else "false")
 
 
 def check_invariants(engine, out_tokens, budget, max_seqs):
-    bm, sched = engine.block_manager, engine.scheduler
+    core = engine.core
+    bm, sched = core.block_manager, core.scheduler
     # Sequences whose last token is still in flight (async scheduling) keep their blocks until it lands.
-    in_flight = [s for s in (engine._pending.seqs if engine._pending else []) if not s.is_finished]
+    in_flight = [s for s in (core.in_flight.seqs if core.in_flight else []) if not s.is_finished]
     holders = {id(s): s for s in [*sched.running, *in_flight]}.values()
     owners = Counter(b for s in holders for b in s.block_table)
     assert all(not s.block_table for s in sched.waiting), "a waiting sequence holds no blocks"
@@ -87,10 +70,9 @@ def params_for(r):
 @given(st.lists(request, min_size=1, max_size=16), st.integers(12, 48), st.sampled_from([4, 8, 16]),
        st.integers(3, 8), st.integers(3, 48), st.sampled_from(["fcfs", "priority"]), st.integers(0, 1000),
        st.booleans())
-def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_size, max_seqs, budget, policy, seed,
-                                                async_scheduling):
-    reset(engine, num_blocks, block_size, max_seqs, budget, policy, seed)
-    engine._async = async_scheduling
+def test_random_workloads_keep_block_invariants(tiny_checkpoints, reqs, num_blocks, block_size, max_seqs, budget,
+                                                policy, seed, async_scheduling):
+    engine = build(tiny_checkpoints["llama"], num_blocks, block_size, max_seqs, budget, policy, seed, async_scheduling)
     prefixes = [list(range(10 + 50 * i, 10 + 50 * i + 40)) for i in range(3)]
     pending = sorted(range(len(reqs)), key=lambda i: reqs[i]["arrive"])
     finished, admitted, step = set(), set(), 0
@@ -108,7 +90,7 @@ def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_
             if r["abort_at"] == step and f"r{i}" in admitted:
                 engine.abort(f"r{i}")
         outputs = engine.step()
-        check_invariants(engine, engine.scheduler.last.total_tokens, budget, max_seqs)
+        check_invariants(engine, engine.core.scheduler.last.total_tokens, budget, max_seqs)
         for o in outputs:
             if o.finished:
                 assert o.request_id not in finished
@@ -119,8 +101,8 @@ def test_random_workloads_keep_block_invariants(engine, reqs, num_blocks, block_
         assert step < 3000, "no progress"
     STEPS["total"] += step
     assert finished == admitted, "every admitted request finishes exactly once"
-    assert engine.block_manager.num_free_blocks == num_blocks
-    assert not any(engine.block_manager.ref_counts)
+    assert engine.core.block_manager.num_free_blocks == num_blocks
+    assert not any(engine.core.block_manager.ref_counts)
 
 
 def test_property_tests_ran_enough_steps():

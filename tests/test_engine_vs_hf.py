@@ -22,7 +22,7 @@ def test_together(tiny_checkpoints, arch):
     prompts = prompt_set()
     outputs = engine.generate(prompts, greedy(MAX_NEW))
     check_vs_hf(path, prompts, outputs)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -48,8 +48,8 @@ def test_small_pool_preempts_and_completes(tiny_checkpoints):
     prompts = prompt_set(seed=3)
     outputs = engine.generate(prompts, greedy(MAX_NEW))
     check_vs_hf(path, prompts, outputs)
-    assert engine.scheduler.num_preemptions > 0
-    bm = engine.block_manager
+    assert engine.core.scheduler.num_preemptions > 0
+    bm = engine.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
 
 

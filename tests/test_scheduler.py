@@ -42,7 +42,7 @@ def test_random_workload(reqs, num_blocks, block_size, max_seqs, budget, rnd):
     # Requests that can never fit are refused at admission by the engine; keep only those that fit.
     reqs = [r for r in reqs if cdiv(r[0] + r[1], block_size) <= num_blocks]
     arrivals = sorted((delay, i) for i, (_, _, delay) in enumerate(reqs))
-    seqs = [Sequence(str(i), "", list(range(p)), SamplingParams(max_tokens=m)) for i, (p, m, _) in enumerate(reqs)]
+    seqs = [Sequence(str(i), list(range(p)), p, SamplingParams(max_tokens=m)) for i, (p, m, _) in enumerate(reqs)]
     step, done = 0, 0
     while done < len(seqs):
         while arrivals and arrivals[0][0] <= step:

@@ -17,11 +17,11 @@ def test_tp2_equals_tp1(tiny_checkpoints, arch):
     # (One tensor-parallel engine per process: the rank state is process-wide.)
     engine = make_engine(path, tensor_parallel_size=2, num_gpu_blocks_override=64, block_size=8)
     try:
-        assert engine.runner.model.args.num_kv_heads * 2 == single.runner.model.args.num_kv_heads
+        assert engine.core.runner.model.args.num_kv_heads * 2 == single.core.runner.model.args.num_kv_heads
         assert [o.token_ids for o in engine.generate(prompts, greedy(10))] == ref
     finally:
         engine.shutdown()
-    assert not engine.workers
+    assert engine.core.workers is None
 
 
 def test_tp_size_must_divide_the_model(tiny_checkpoints):
@@ -39,8 +39,9 @@ def test_dead_worker_fails_requests_and_marks_unhealthy(tiny_checkpoints):
             finals[o.request_id] = o
             done.set()
 
-    engine.workers[0].kill()
-    engine.workers[0].join()
+    worker = engine.core.workers.procs[0]
+    worker.kill()
+    worker.join()
     engine.add_request("x", "To be", greedy(50), on_output)
     assert done.wait(60), "the request must fail, not hang"
     assert finals["x"].error and "worker" in finals["x"].error

@@ -12,15 +12,7 @@ from torch import nn
 
 import kernels
 from backend import parallel
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor      # [T] flat cache slot of each new token (-1: padding)
-    block_tables: torch.Tensor      # [S, max_blocks] int32
-    seq_lens: torch.Tensor          # [S] int32: context length after this step
-    query_start_loc: torch.Tensor   # [S+1] int32: cuts of the packed new tokens
-    max_query_len: int = 0
+from backend.attention import AttentionMetadata
 
 
 @dataclass

@@ -36,7 +36,7 @@ def test_cuda_graphs_equal_eager_fp32():
     prompts = [p + [5] * i for i, p in enumerate(prompt_set(8, seed=4))]
     eager = gpu(DEFAULT_MODEL, dtype="float32", enforce_eager="true").generate(prompts, greedy(24))
     graphed = gpu(DEFAULT_MODEL, dtype="float32", max_num_seqs=64)
-    assert graphed.runner.graphs is not None
+    assert graphed.core.runner.graphs is not None
     assert ids(graphed.generate(prompts, greedy(24))) == ids(eager)
 
 
@@ -50,7 +50,7 @@ def test_outputs_do_not_change_with_batch_size_fp32():
 
 def test_bf16_matches_hf_first_tokens():
     engine = gpu(DEFAULT_MODEL)
-    assert engine.dtype == torch.bfloat16
+    assert engine.config.torch_dtype == torch.bfloat16
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
     ours = ids(engine.generate(prompts, greedy(4)))
     hf = hf_model(DEFAULT_MODEL).to(device="cuda", dtype=torch.bfloat16)
@@ -82,5 +82,5 @@ def test_async_scheduling_equals_sync_on_gpu_fp32():
               for i in range(len(prompts))]
     sync = gpu(DEFAULT_MODEL, dtype="float32", async_scheduling="false").generate(prompts, params)
     engine = gpu(DEFAULT_MODEL, dtype="float32")
-    assert engine._async and engine.runner.graphs is not None
+    assert engine.core.async_scheduling and engine.core.runner.graphs is not None
     assert ids(engine.generate(prompts, params)) == ids(sync)

@@ -1,0 +1,237 @@
+"""EngineCore: a step is schedule -> run the model (which samples) -> update the sequences.
+
+Single-threaded: its owner (LLMEngine's loop thread today; a process of its own tomorrow) calls
+add_request, abort, finish_sequences and step. It speaks token ids only: requests in, one
+CoreOutput per request that progressed out. Text, stop strings and responses are the front's.
+
+Async scheduling: step k+1 is launched before step k's tokens reach the host. Each sequence
+counts its tokens in flight (num_placeholders); the runner reads their values on the GPU; a
+sequence that turns out to have stopped was scheduled one step too many and that token is dropped.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from backend import beam_search
+from backend.block_manager import BlockManager
+from backend.config import EngineConfig
+from backend.model_runner import ModelRunner
+from backend.outputs import CoreOutput, SampleUpdate
+from backend.sampler import SamplingBatch, StepResult
+from backend.sampling_params import SamplingParams
+from backend.scheduler import Scheduler, SchedulerOutput
+from backend.sequence import Sequence, SequenceGroup
+from backend.worker import TensorParallelWorkers
+
+_NOTHING: frozenset[int] = frozenset()
+
+
+@dataclass
+class EngineCoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int], runner=None, scheduler: Scheduler | None = None):
+        """runner, scheduler: parts to use instead of building them (tests hand in stand-ins)."""
+        self.config = config.resolve()
+        self.workers = None
+        if runner is None:
+            if config.tensor_parallel_size > 1:
+                self.workers = TensorParallelWorkers(config)
+            runner = ModelRunner(config)
+        self.runner = runner
+        self.scheduler = scheduler or Scheduler(
+            BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching),
+            config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+        self.block_manager = self.scheduler.block_manager
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = config.max_model_len
+        # Tensor parallelism steps synchronously and eagerly (its inputs are broadcast from the host).
+        self.async_scheduling = self.workers is None and (config.async_scheduling == "true" or (
+            config.async_scheduling == "auto" and config.torch_device.type == "cuda"))
+        self.requests: dict[str, SequenceGroup] = {}
+        self.in_flight: StepResult | None = None
+        self.num_forking = 0    # requests with n > 1 or beams: while any is in flight, steps are synchronous
+        self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
+        self.num_generation_tokens = 0
+        self._touched: list[SequenceGroup] = []
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest):
+        seq = Sequence(request.request_id, request.prompt_token_ids, len(request.prompt_token_ids), request.params)
+        if request.params.seed is not None:
+            seq.generator = torch.Generator(device=self.config.torch_device).manual_seed(request.params.seed)
+        group = SequenceGroup(seq)
+        self.requests[request.request_id] = group
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        self.num_forking += group.forks
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str):
+        group = self.requests.get(request_id)
+        if group is not None:
+            for seq in group.live():
+                self.scheduler.finish(seq, "abort")
+            self._touched.append(group)
+
+    def finish_sequences(self, stopped: list[tuple[str, int]]):
+        """(request id, sample index) pairs that the front saw stop (a stop string): free them. The
+        front knows already, so no output follows."""
+        for request_id, index in stopped:
+            group = self.requests.get(request_id)
+            if group is None:
+                continue
+            for seq in group.live():
+                if seq.index == index:
+                    self.scheduler.finish(seq, "stop")
+            if group.finished:
+                self._retire(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.has_work() or self.in_flight is not None or self._touched)
+
+    @property
+    def healthy(self) -> bool:
+        """False once a tensor-parallel worker has exited: the model cannot run without its shard."""
+        return self.workers is None or self.workers.alive()
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[CoreOutput]:
+        if self.workers is not None:
+            self.workers.check()
+        synchronous = not self.async_scheduling or self.num_forking > 0
+        if synchronous:
+            self._update(self._take_in_flight())
+        out = self.scheduler.schedule()
+        result = None
+        if out:
+            result = self.runner.run(out, self._sampling_batch(out), self.in_flight)
+            self.scheduler.advance(out)
+            self._count_in_flight(result)
+        if synchronous:
+            self._update(result)
+        else:   # the host's work on the last step's tokens overlaps this step on the GPU
+            previous, self.in_flight = self.in_flight, result
+            self._update(previous)
+        return self._outputs()
+
+    def _sampling_batch(self, out: SchedulerOutput) -> SamplingBatch:
+        """Who draws from which logits row; a request with n > 1 forks here, as its first token is drawn."""
+        batch = SamplingBatch()
+        for row, seq in enumerate(out.sampling_seqs()):
+            group = seq.group
+            if group.is_beam:
+                batch.beam_seqs.append(seq)
+                batch.beam_rows.append(row)
+                continue
+            if not group.forked and group.params.n > 1:
+                for child in beam_search.fork_samples(seq, self.scheduler, self.config.torch_device):
+                    batch.add(child, row, self._masked_ids(child))
+            batch.add(seq, row, self._masked_ids(seq))
+        return batch
+
+    def _masked_ids(self, seq: Sequence) -> frozenset[int] | set[int]:
+        """Token ids that may not be drawn yet (stop ids before min_tokens)."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return _NOTHING
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+    def _count_in_flight(self, result: StepResult):
+        for seq in result.seqs:
+            seq.num_placeholders += 1
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.scheduler.retire(seq)   # this token is its last, whatever it is
+
+    def _take_in_flight(self) -> StepResult | None:
+        result, self.in_flight = self.in_flight, None
+        return result
+
+    def _update(self, result: StepResult | None):
+        """The step's tokens are known: append them, apply the stop rules, run the beams."""
+        if result is None:
+            return
+        for seq, token in zip(result.seqs, result.host_token_ids()):
+            if seq.is_finished:     # stopped (or aborted) while this token was being made
+                continue
+            seq.num_placeholders -= 1
+            seq.token_ids.append(token)
+            self.num_generation_tokens += 1
+            self._check_stop(seq)
+            self._touched.append(seq.group)
+        if result.beam_seqs:
+            self._beam_steps(result)
+
+    def _check_stop(self, seq: Sequence):
+        token, p = seq.token_ids[-1], seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _beam_steps(self, result: StepResult):
+        by_group: dict[SequenceGroup, dict[int, torch.Tensor]] = {}
+        for seq, logprobs in zip(result.beam_seqs, result.beam_logprobs):
+            by_group.setdefault(seq.group, {})[id(seq)] = logprobs
+        for group, logprobs_of in by_group.items():
+            eos = set() if group.params.ignore_eos else self.eos_token_ids
+            self.num_generation_tokens += beam_search.beam_step(group, logprobs_of, self.scheduler, eos,
+                                                                self.max_model_len)
+            if group.finished:
+                self._touched.append(group)
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _outputs(self) -> list[CoreOutput]:
+        outputs = []
+        for group in dict.fromkeys(self._touched):
+            outputs.append(self._core_output(group))
+            if group.finished:
+                self._retire(group)
+        self._touched = []
+        return outputs
+
+    @staticmethod
+    def _core_output(group: SequenceGroup) -> CoreOutput:
+        finished = group.finished
+        if group.is_beam:   # beams are reordered every step: only the final ranking goes out
+            samples = [SampleUpdate(s.index, s.output_token_ids, s.finish_reason, s.cum_logprob, replace=True)
+                       for s in group.seqs] if finished else []
+        else:
+            samples = []
+            for s in group.seqs:
+                samples.append(SampleUpdate(s.index, s.token_ids[s.num_reported_tokens:], s.finish_reason))
+                s.num_reported_tokens = len(s.token_ids)
+        return CoreOutput(group.request_id, samples, finished, group.error)
+
+    def _retire(self, group: SequenceGroup):
+        if self.requests.pop(group.request_id, None) is not None:
+            self.num_forking -= group.forks
+
+    def fail_all(self, error: str | None) -> list[CoreOutput]:
+        """Finish every request as aborted (with `error`, if any): after a failed step, at shutdown."""
+        self.in_flight = None
+        for group in self.requests.values():
+            group.error = error
+            for seq in group.live():
+                self.scheduler.finish(seq, "abort")
+            self._touched.append(group)
+        return self._outputs()
+
+    # ---- state ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """A snapshot for metrics (vLLM's names); safe to read from any thread."""
+        bm, sched = self.block_manager, self.scheduler
+        return {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
+                "kv_cache_usage_perc": 1.0 - bm.num_free_blocks / bm.num_blocks,
+                "num_preemptions_total": sched.num_preemptions, "prompt_tokens_total": self.num_prompt_tokens,
+                "generation_tokens_total": self.num_generation_tokens,
+                "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits}
+
+    def shutdown(self):
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None

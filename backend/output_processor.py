@@ -1,0 +1,127 @@
+"""OutputProcessor: the front's side of every step. From the core's token ids it keeps each
+sample's text (incremental detokenizing), applies stop strings, and assembles RequestOutputs.
+
+A stop string is found here, after the core has already moved on: the sample ends at once for
+the caller, and the core is told to free it (it may have computed a token more; that is dropped).
+"""
+from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder
+from backend.outputs import CoreOutput, RequestOutput, SampleOutput, SampleUpdate
+from backend.sampling_params import SamplingParams
+
+
+class SampleState:
+    __slots__ = ("ids", "num_context", "detok", "text", "num_sent_chars", "finish_reason", "cumulative_logprob")
+
+    def __init__(self, prompt_token_ids: list[int]):
+        context = prompt_token_ids[-CONTEXT_TOKENS:]   # so that a leading space of the output survives
+        self.ids = list(context)                       # prompt context + output token ids
+        self.num_context = len(context)
+        self.detok = DetokenizerState(0, len(context))
+        self.text = ""
+        self.num_sent_chars = 0
+        self.finish_reason: str | None = None
+        self.cumulative_logprob: float | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.ids[self.num_context:]
+
+
+class RequestState:
+    __slots__ = ("prompt", "prompt_token_ids", "params", "samples", "finished", "hold")
+
+    def __init__(self, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.samples: dict[int, SampleState] = {}
+        self.finished = False
+        # While a stop string could still be forming at the end of the text, hold those characters back.
+        self.hold = max(map(len, params.stop)) - 1 if params.stop else 0
+
+    def sample(self, index: int) -> SampleState:
+        state = self.samples.get(index)
+        if state is None:
+            state = self.samples[index] = SampleState(self.prompt_token_ids)
+        return state
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.decode = fast_decoder(tokenizer)
+        self.requests: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.requests[request_id] = RequestState(prompt, prompt_token_ids, params)
+
+    def process(self, outputs: list[CoreOutput], only_finished: bool = False,
+                wanted=None) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """Returns the RequestOutputs of the requests that progressed (with only_finished, only the
+        finished ones and those `wanted(request_id)` says are watched) and the (request id, sample
+        index) pairs that a stop string ended, for the core to free."""
+        results, stopped = [], []
+        for out in outputs:
+            state = self.requests.get(out.request_id)
+            if state is None:   # finished here already (a stop string); the core caught up
+                continue
+            for update in out.samples:
+                sample = state.sample(update.index)
+                if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
+                    stopped.append((out.request_id, update.index))   # the core still runs it
+            state.finished = out.finished or (
+                not state.params.use_beam_search and len(state.samples) == state.params.n
+                and all(s.finish_reason is not None for s in state.samples.values()))
+            if state.finished:
+                del self.requests[out.request_id]
+            if state.finished or not only_finished or (wanted is not None and wanted(out.request_id)):
+                results.append(self._request_output(out.request_id, state, out.error))
+        return results, stopped
+
+    def _apply(self, state: RequestState, sample: SampleState, update: SampleUpdate) -> bool:
+        """Take in a sample's new tokens; True when a stop string ended it here."""
+        p = state.params
+        if update.replace:   # final beams: the whole output at once
+            del sample.ids[sample.num_context:]
+            sample.text, sample.num_sent_chars = "", 0
+            sample.ids += update.new_token_ids
+            if p.detokenize:
+                sample.text = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens)
+        else:
+            for token in update.new_token_ids:
+                sample.ids.append(token)
+                old_len = len(sample.text)
+                if p.detokenize:
+                    sample.text += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens)
+                if p.stop and self._stop_string(sample, p, old_len):
+                    sample.finish_reason = "stop"
+                    return True
+        sample.cumulative_logprob = update.cumulative_logprob
+        sample.finish_reason = update.finish_reason
+        return False
+
+    @staticmethod
+    def _stop_string(sample: SampleState, p: SamplingParams, old_len: int) -> bool:
+        if len(sample.ids) - sample.num_context < p.min_tokens:
+            return False
+        text = sample.text
+        start = max(0, old_len - max(map(len, p.stop)) + 1)
+        hits = [(i, s) for i, s in ((text.find(s, start), s) for s in p.stop) if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        sample.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
+        return True
+
+    def _request_output(self, request_id: str, state: RequestState, error: str | None) -> RequestOutput:
+        samples = [self._sample_output(state, i, s) for i, s in sorted(state.samples.items())]
+        return RequestOutput(request_id, state.prompt, len(state.prompt_token_ids), samples, state.finished, error)
+
+    @staticmethod
+    def _sample_output(state: RequestState, index: int, sample: SampleState) -> SampleOutput:
+        text = sample.text
+        hold = 0 if sample.finish_reason is not None else state.hold
+        sendable = max(sample.num_sent_chars, len(text) - hold)
+        new_text = text[sample.num_sent_chars:sendable]
+        sample.num_sent_chars = sendable
+        return SampleOutput(index, new_text, text[:sendable], sample.output_token_ids, sample.finish_reason,
+                            sample.cumulative_logprob)
