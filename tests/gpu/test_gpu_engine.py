@@ -84,3 +84,20 @@ def test_async_scheduling_equals_sync_on_gpu_fp32():
     engine = gpu(DEFAULT_MODEL, dtype="float32")
     assert engine.core.async_scheduling and engine.core.runner.graphs is not None
     assert ids(engine.generate(prompts, params)) == ids(sync)
+
+
+def test_forks_and_beams_on_gpu_fp32(tiny_checkpoints):
+    """Beam search (log-probs ranked on the GPU) gives the CPU reference's beams; n > 1 samples
+    (forked before the forward pass, sharing one logits row) equal single requests seeded seed + i."""
+    path = tiny_checkpoints["llama"]
+    prompts = prompt_set(3, seed=7)
+    beams = SamplingParams(use_beam_search=True, n=3, max_tokens=10, ignore_eos=True)
+    cpu = make_engine(path).generate(prompts, beams)
+    engine = gpu(path, dtype="float32")
+    ours = engine.generate(prompts, beams)
+    assert [[s.token_ids for s in o.samples] for o in ours] == [[s.token_ids for s in o.samples] for o in cpu]
+    many = engine.generate(prompts[1:2], SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=12,
+                                                        ignore_eos=True))[0]
+    for i, sample in enumerate(many.samples):
+        single = SamplingParams(temperature=0.9, seed=11 + i, max_tokens=12, ignore_eos=True)
+        assert sample.token_ids == engine.generate(prompts[1:2], single)[0].token_ids
