@@ -51,7 +51,7 @@ class BadRequest(ValueError):
 
 
 class ErrorKind(enum.Enum):
-    """What went wrong, for the glue to map onto a TritonError code."""
+    """What went wrong; each name is that of the TritonError code the glue sends."""
     INVALID_ARG = "invalid_arg"    # a bad request (HTTP 400), named field in the message
     UNAVAILABLE = "unavailable"    # the engine is shutting down (or unhealthy)
     INTERNAL = "internal"          # an engine error, or a bug

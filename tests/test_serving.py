@@ -152,6 +152,12 @@ def test_engine_request_id_and_submit_errors():
         assert (reply.error, reply.message, reply.final, reply.abort) == (kind, message, True, False)
 
 
+def test_error_kinds_are_named_as_triton_error_codes():
+    # the glue sends getattr(pb_utils.TritonError, kind.name)
+    assert {k.name for k in ErrorKind} <= {"INVALID_ARG", "UNAVAILABLE", "INTERNAL", "CANCELLED", "NOT_FOUND",
+                                           "UNSUPPORTED", "UNKNOWN", "ALREADY_EXISTS"}
+
+
 def test_serving_needs_neither_triton_nor_torch():
     code = ("import sys, backend.serving; bad = {'torch', 'triton_python_backend_utils'} & set(sys.modules); "
             "assert not bad, bad")

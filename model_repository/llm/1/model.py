@@ -33,10 +33,6 @@ except ModuleNotFoundError as e:
                               "`make install` does) or start the server with tools/serve.py") from e
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-ERROR_CODES = {serving.ErrorKind.INVALID_ARG: pb_utils.TritonError.INVALID_ARG,
-               serving.ErrorKind.UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
-               serving.ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
-               serving.ErrorKind.CANCELLED: pb_utils.TritonError.CANCELLED}
 
 
 class _Metrics:
@@ -129,7 +125,7 @@ class TritonPythonModel:
 
     def _send(self, sender, reply):
         if reply.error is not None:
-            error = pb_utils.TritonError(reply.message, ERROR_CODES[reply.error])
+            error = pb_utils.TritonError(reply.message, getattr(pb_utils.TritonError, reply.error.name))
             try:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
             except Exception as e:  # noqa: BLE001
