@@ -75,7 +75,8 @@ def test_prompt_alias_and_text_input_first():
 @pytest.mark.parametrize("inputs, message", [
     ({}, "give the prompt as 'text_input'"),
     ({"sampling_parameters": text("{}")}, "give the prompt as 'text_input'"),
-    ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, "input 'text_input' must hold exactly one element, got 2"),
+    ({"text_input": np.array([b"a", b"b"], dtype=np.object_)},
+     "input 'text_input' must hold exactly one element, got 2"),
     ({"text_input": text(b"\xff\xfe")}, "input 'text_input' is not valid UTF-8"),
     ({"text_input": text(PROMPT), "sampling_parameters": text(b"{\xff}")}, "'sampling_parameters' is not valid UTF-8"),
     ({"text_input": text(PROMPT), "stream": flag(True), "exclude_input_in_output": flag(False)},

@@ -102,7 +102,8 @@ class TritonPythonModel:
             self._queue.put(None)
             self._sender_thread.join(timeout=10)
             raise
-        self.logger.log_info(f"llm: engine started (model {config.model}, engine code {os.path.dirname(serving.__file__)})")
+        engine_code = os.path.dirname(serving.__file__)
+        self.logger.log_info(f"llm: engine started (model {config.model}, engine code {engine_code})")
 
     def execute(self, requests):
         for request in requests:
