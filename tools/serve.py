@@ -134,8 +134,10 @@ def main(argv=None):
     env.pop("PYTHONHOME", None)
     ld = [x for x in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if x]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [x for x in ld if x not in libs])
-    # model.py finds the engine through this (the model repository may be a copy elsewhere).
-    env.setdefault("LLM_BACKEND_ROOT", REPO)
+    # The stub imports the engine package `backend` from this checkout, also in an environment
+    # without `pip install -e .` (a GPU host's bundle venv).
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                  if x and x != REPO])
 
     cmd = [os.path.join(root, "bin", "tritonserver"),
            "--model-repository", os.path.abspath(args.model_repository),
@@ -145,7 +147,7 @@ def main(argv=None):
            "--metrics-address", args.address, "--metrics-port", str(args.metrics_port),
            *extra]
     if args.print_command:
-        for k in ("PATH", "LD_LIBRARY_PATH", "LLM_BACKEND_ROOT"):
+        for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH"):
             print(f"{k}={env[k]}")
         print(" ".join(cmd))
         return 0

@@ -2,7 +2,7 @@
 
 The session server (conftest.py) serves a temporary model repository: the repository's config.pbtxt and
 1/model.py with `model` pointing at a tiny random Llama checkpoint (tests/checkpoints.py).
-model.py finds the engine through $LLM_BACKEND_ROOT (set here and by serve.py).
+model.py imports the engine package from this checkout: serve.py puts it first on PYTHONPATH.
 """
 import os
 import re
@@ -62,11 +62,9 @@ class Server:
                "--model-repository", str(self.model_repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--exit-timeout-secs", "10", *self.extra_args]
-        env = dict(os.environ, LLM_BACKEND_ROOT=REPO)
         self._log = open(self.log_path, "w")
         # A session of its own, so that stop() can end the server and its Python stub together.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def log(self):
