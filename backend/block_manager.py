@@ -148,6 +148,13 @@ class BlockManager:
                 self.cached.setdefault(key, block_id)
             seq.block_hashes.append(h)
 
+    def forget_cached_blocks(self):
+        """Drop every prefix hash (after a failed step: a block it hashed may hold unwritten KV).
+        Call with every sequence's blocks freed."""
+        self.cached.clear()
+        self.block_key = [None] * self.num_blocks
+        self.block_hash = [None] * self.num_blocks
+
     # ---- accounting -----------------------------------------------------------------------------
     def memory_stats(self, seqs: list[Sequence]) -> dict:
         """KV waste (allocated slots holding no token / allocated slots) and blocks saved by sharing."""

@@ -8,6 +8,7 @@ Async scheduling: step k+1 is launched before step k's tokens reach the host. Ea
 counts its tokens in flight (num_placeholders); the runner reads their values on the GPU; a
 sequence that turns out to have stopped was scheduled one step too many and that token is dropped.
 """
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from backend.scheduler import Scheduler, SchedulerOutput
 from backend.sequence import Sequence, SequenceGroup
 from backend.worker import TensorParallelWorkers
 
+log = logging.getLogger(__name__)
 _NOTHING: frozenset[int] = frozenset()
 
 
@@ -58,6 +60,10 @@ class EngineCore:
         self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
         self.num_generation_tokens = 0
         self._touched: list[SequenceGroup] = []
+        self._stepping: list[Sequence] = []      # the sequences of the step under way (fault isolation)
+        self._suspects: list[SequenceGroup] = []  # requests that a failed step implicates, being narrowed down
+        self._sampled: set[SequenceGroup] = set()  # requests that took a token in this step
+        self.device_ok = True                     # False after an error that leaves the device unusable
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest):
@@ -95,18 +101,33 @@ class EngineCore:
 
     @property
     def healthy(self) -> bool:
-        """False once a tensor-parallel worker has exited: the model cannot run without its shard."""
-        return self.workers is None or self.workers.alive()
+        """False once a tensor-parallel worker has exited (the model cannot run without its shard) or
+        the GPU is left unusable by an error."""
+        return (self.workers is None or self.workers.alive()) and self.device_ok
 
     # ---- one step -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[CoreOutput]:
+        """One step. If it raises, only the request(s) implicated fail (see _isolate); the rest go on."""
         if self.workers is not None:
-            self.workers.check()
-        synchronous = not self.async_scheduling or self.num_forking > 0
+            self.workers.check()   # no model without every shard: that failure is the whole engine's
+        try:
+            outputs = self._step()
+        except Exception as e:   # noqa: BLE001 - whatever broke, keep serving the requests that did not
+            log.exception("engine step failed")
+            return self._isolate(e)
+        if self._suspects:
+            self._probe_passed()
+        return outputs
+
+    @torch.inference_mode()
+    def _step(self) -> list[CoreOutput]:
+        self._stepping = list(self.in_flight.seqs) if self.in_flight is not None else []
+        self._sampled = set()
+        synchronous = not self.async_scheduling or self.num_forking > 0 or bool(self._suspects)
         if synchronous:
             self._update(self._take_in_flight())
         out = self.scheduler.schedule()
+        self._stepping += out.seqs
         result = None
         if out:
             result = self.runner.run(out, self._sampling_batch(out), self.in_flight)
@@ -163,6 +184,7 @@ class EngineCore:
             self.num_generation_tokens += 1
             self._check_stop(seq)
             self._touched.append(seq.group)
+            self._sampled.add(seq.group)
         if result.beam_seqs:
             self._beam_steps(result)
 
@@ -181,6 +203,7 @@ class EngineCore:
             eos = set() if group.params.ignore_eos else self.eos_token_ids
             self.num_generation_tokens += beam_search.beam_step(group, logprobs_of, self.scheduler, eos,
                                                                 self.max_model_len)
+            self._sampled.add(group)
             if group.finished:
                 self._touched.append(group)
 
@@ -214,12 +237,61 @@ class EngineCore:
     def fail_all(self, error: str | None) -> list[CoreOutput]:
         """Finish every request as aborted (with `error`, if any): after a failed step, at shutdown."""
         self.in_flight = None
-        for group in self.requests.values():
-            group.error = error
-            for seq in group.live():
-                self.scheduler.finish(seq, "abort")
-            self._touched.append(group)
+        for group in list(self.requests.values()):
+            self._fail(group, error)
+        self._set_suspects([])
         return self._outputs()
+
+    # ---- fault isolation ------------------------------------------------------------------------
+    def _isolate(self, error: Exception) -> list[CoreOutput]:
+        """A step raised. Everything in flight is computed again from its tokens (the step's KV
+        writes and tokens cannot be trusted), and the requests of the failed step are bisected:
+        only half of the suspects runs (the rest waits) until it has drawn a token or failed again;
+        a suspect left alone fails with the error."""
+        self.device_ok = self._device_usable()
+        groups = list(dict.fromkeys(s.group for s in self._stepping if not s.group.finished))
+        suspects = groups if not self._suspects else [g for g in self._suspects if g in groups] or groups
+        self.in_flight, self._stepping = None, []
+        self.scheduler.recompute([s for g in self.requests.values() for s in g.seqs])
+        self.block_manager.forget_cached_blocks()
+        if len(suspects) <= 1:
+            for group in suspects:
+                self._fail(group, f"this request made the engine step fail: {error!r}")
+            self._set_suspects([])
+        else:
+            self._set_suspects(suspects)
+        return self._outputs()
+
+    def _device_usable(self) -> bool:
+        """After a CUDA error such as an illegal address every later call fails: then no request is
+        to blame and the engine is broken. Other errors leave the device usable."""
+        device = self.config.torch_device
+        if device.type != "cuda":
+            return True
+        try:
+            (torch.ones(1, device=device) + 1).item()
+            return True
+        except Exception:   # noqa: BLE001 - any failure here means the device is gone
+            log.exception("the GPU is not usable after the failed step")
+            return False
+
+    def _set_suspects(self, suspects: list[SequenceGroup]):
+        self._suspects = suspects
+        probe = suspects[:(len(suspects) + 1) // 2]
+        self.scheduler.admit_only = {g.request_id for g in probe} if suspects else None
+
+    def _probe_passed(self):
+        """After a good step: suspects that drew a token in it are cleared; once the probed half is
+        cleared, the other half is probed (and once none is left, everyone runs again)."""
+        self._suspects = [g for g in self._suspects if not g.finished and g not in self._sampled]
+        if not self.scheduler.admit_only & {g.request_id for g in self._suspects}:
+            self._set_suspects(self._suspects)
+
+    def _fail(self, group: SequenceGroup, error: str):
+        group.error = error
+        for seq in group.live():
+            self.scheduler.finish(seq, "abort")
+        self._touched.append(group)
 
     # ---- state ----------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -35,7 +35,6 @@ class LLMEngine:
         self.core = EngineCore(config, self.eos_token_ids, runner, scheduler)
         self.processor = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len
-        self.healthy = True
         # Requests in flight -> their callback: added under _wakeup by add_request, removed when finished.
         self._callbacks: dict[str, OutputCallback | None] = {}
         self._inbox: deque = deque()          # ("add", (request, prompt)) / ("abort", request_id), from any thread
@@ -44,6 +43,10 @@ class LLMEngine:
         self._stopping = False
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d", config.torch_device,
                  config.torch_dtype, self.core.block_manager.num_blocks, config.block_size, self.max_model_len)
+
+    @property
+    def healthy(self) -> bool:
+        return self.core.healthy
 
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to call from any thread."""
@@ -60,7 +63,7 @@ class LLMEngine:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             if not self.healthy:
-                raise RuntimeError("the engine is not healthy (a tensor-parallel worker exited)")
+                raise RuntimeError("the engine is not healthy (a tensor-parallel worker exited, or the GPU failed)")
             if request_id in self._callbacks:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._callbacks[request_id] = on_output
@@ -110,10 +113,12 @@ class LLMEngine:
 
     def _handle(self, core_outputs: list[CoreOutput], only_finished: bool = False) -> list[RequestOutput]:
         callbacks = self._callbacks
-        outputs, stopped = self.processor.process(core_outputs, only_finished,
-                                                  lambda request_id: callbacks.get(request_id) is not None)
+        outputs, stopped, failed = self.processor.process(core_outputs, only_finished,
+                                                          lambda request_id: callbacks.get(request_id) is not None)
         if stopped:
             self.core.finish_sequences(stopped)
+        for request_id in failed:
+            self.core.abort(request_id)
         for o in outputs:
             callback = callbacks.pop(o.request_id, None) if o.finished else callbacks.get(o.request_id)
             if callback is not None:
@@ -155,10 +160,11 @@ class LLMEngine:
                 if self._stopping:
                     break
             try:
-                self.step()
-            except Exception as e:   # fail what is in flight rather than hang it
+                self.step()   # a request that breaks a step fails alone (EngineCore.step)
+                if not self.core.healthy:
+                    self._fail_all("the engine is not healthy: the GPU is not usable after an error")
+            except Exception as e:   # the core as a whole is broken: fail what is in flight rather than hang it
                 log.exception("engine step failed")
-                self.healthy = self.core.healthy
                 self._fail_all(f"engine step failed: {e!r}")
 
     def _fail_all(self, error: str | None):

@@ -4,9 +4,13 @@ sample's text (incremental detokenizing), applies stop strings, and assembles Re
 A stop string is found here, after the core has already moved on: the sample ends at once for
 the caller, and the core is told to free it (it may have computed a token more; that is dropped).
 """
+import logging
+
 from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder
 from backend.outputs import CoreOutput, RequestOutput, SampleOutput, SampleUpdate
 from backend.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class SampleState:
@@ -55,27 +59,42 @@ class OutputProcessor:
         self.requests[request_id] = RequestState(prompt, prompt_token_ids, params)
 
     def process(self, outputs: list[CoreOutput], only_finished: bool = False,
-                wanted=None) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+                wanted=None) -> tuple[list[RequestOutput], list[tuple[str, int]], list[str]]:
         """Returns the RequestOutputs of the requests that progressed (with only_finished, only the
-        finished ones and those `wanted(request_id)` says are watched) and the (request id, sample
-        index) pairs that a stop string ended, for the core to free."""
-        results, stopped = [], []
+        finished ones and those `wanted(request_id)` says are watched), the (request id, sample
+        index) pairs that a stop string ended, for the core to free, and the requests whose outputs
+        could not be processed (they end here with an error), for the core to abort."""
+        results, stopped, failed = [], [], []
         for out in outputs:
             state = self.requests.get(out.request_id)
             if state is None:   # finished here already (a stop string); the core caught up
                 continue
-            for update in out.samples:
-                sample = state.sample(update.index)
-                if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
-                    stopped.append((out.request_id, update.index))   # the core still runs it
-            state.finished = out.finished or (
-                not state.params.use_beam_search and len(state.samples) == state.params.n
-                and all(s.finish_reason is not None for s in state.samples.values()))
-            if state.finished:
-                del self.requests[out.request_id]
-            if state.finished or not only_finished or (wanted is not None and wanted(out.request_id)):
-                results.append(self._request_output(out.request_id, state, out.error))
-        return results, stopped
+            try:
+                result = self._process_one(out, state, stopped, only_finished, wanted)
+            except Exception as e:   # noqa: BLE001 - one request's text must not fail the others
+                log.exception("output of request %s", out.request_id)
+                self.requests.pop(out.request_id, None)
+                failed.append(out.request_id)
+                result = RequestOutput(out.request_id, state.prompt, len(state.prompt_token_ids), [], True,
+                                       f"processing the output failed: {e!r}")
+            if result is not None:
+                results.append(result)
+        return results, stopped, failed
+
+    def _process_one(self, out: CoreOutput, state: RequestState, stopped: list, only_finished: bool,
+                     wanted) -> RequestOutput | None:
+        for update in out.samples:
+            sample = state.sample(update.index)
+            if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
+                stopped.append((out.request_id, update.index))   # the core still runs it
+        state.finished = out.finished or (
+            not state.params.use_beam_search and len(state.samples) == state.params.n
+            and all(s.finish_reason is not None for s in state.samples.values()))
+        if state.finished:
+            del self.requests[out.request_id]
+        if state.finished or not only_finished or (wanted is not None and wanted(out.request_id)):
+            return self._request_output(out.request_id, state, out.error)
+        return None
 
     def _apply(self, state: RequestState, sample: SampleState, update: SampleUpdate) -> bool:
         """Take in a sample's new tokens; True when a stop string ended it here."""

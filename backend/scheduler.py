@@ -44,6 +44,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []      # kept in scheduling order
         self.running: list[Sequence] = []      # kept in scheduling order; the last is the first victim
         self.num_preemptions = 0
+        self.admit_only: set[str] | None = None   # if set, only these request ids are admitted (fault isolation)
 
     def _key(self, seq: Sequence):
         return seq.sort_key() if self.policy == "priority" else (0, seq.arrival)
@@ -92,8 +93,12 @@ class Scheduler:
         if not self.waiting:
             return
         seats = sum(s.seats() for s in self.running)   # a request about to fork holds its samples' seats
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
+            if self.admit_only is not None and seq.request_id not in self.admit_only:
+                i += 1
+                continue
             if seats + seq.seats() > self.max_num_seqs:
                 break
             hits = bm.match_prefix(seq)
@@ -103,7 +108,7 @@ class Scheduler:
             total_blocks = -(-(cached + n) // bm.block_size)
             if total_blocks - len(hits) + free_hits > bm.num_free_blocks:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.num_computed_tokens = bm.take_prefix(seq, hits)
             if not bm.allocate(seq, seq.num_computed_tokens + n):
                 raise RuntimeError("block accounting error: admission check passed but allocation failed")
@@ -130,13 +135,28 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
 
+    def recompute(self, seqs: list[Sequence]):
+        """Send seqs back to waiting to be computed again from their tokens (after a failed step,
+        whose KV writes and tokens in flight cannot be trusted)."""
+        for seq in dict.fromkeys(seqs):
+            if seq.is_finished or seq.status == SequenceStatus.WAITING:
+                continue
+            self._remove(self.running, seq)
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = seq.num_placeholders = 0
+            self.add(seq)
+
+    @staticmethod
+    def _remove(queue: list[Sequence], seq: Sequence):
+        for i, s in enumerate(queue):   # identity, not ==: forks compare equal to nothing else anyway
+            if s is seq:
+                del queue[i]
+                return
+
     def retire(self, seq: Sequence):
         """Stop scheduling seq (its last token is in flight and it ends there), keeping its blocks
         until finish()."""
-        for i, s in enumerate(self.running):
-            if s is seq:
-                del self.running[i]
-                break
+        self._remove(self.running, seq)
 
     def finish(self, seq: Sequence, reason: str):
         """Finish seq wherever it is; its blocks go back to the pool at once. A token of it still in
@@ -147,7 +167,4 @@ class Scheduler:
         seq.num_placeholders = 0
         self.block_manager.free(seq)
         queue = self.running if was == SequenceStatus.RUNNING else self.waiting if was == SequenceStatus.WAITING else []
-        for i, s in enumerate(queue):   # identity, not ==: forks compare equal to nothing else anyway
-            if s is seq:
-                del queue[i]
-                break
+        self._remove(queue, seq)
