@@ -26,6 +26,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1          # ranks (processes) one model is split across
     async_scheduling: str = "auto"         # overlap host work with the GPU step; auto: on CUDA
     scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
+    max_queue_size: int = 0                # requests waiting to start beyond which new ones are refused; 0: no limit
+    queue_timeout_s: float = 0.0           # a request not started after this long fails (overload); 0: no limit
     # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
     hf: dict = field(default=None, init=False, repr=False)                     # the model's config.json
     torch_device: torch.device = field(default=None, init=False, repr=False)
@@ -79,6 +81,8 @@ class EngineConfig:
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.async_scheduling in ("auto", "true", "false"), "async_scheduling", "must be auto, true or false")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
+        check(self.max_queue_size >= 0, "max_queue_size", "must be >= 0 (0: no limit)")
+        check(0 <= self.queue_timeout_s < float("inf"), "queue_timeout_s", "must be >= 0 seconds (0: no limit)")
 
     def resolve(self) -> "EngineConfig":
         """Settle what "auto" and 0 stand for: the device, the dtype, max_model_len and the model's

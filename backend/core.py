@@ -99,6 +99,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.has_work() or self.in_flight is not None or self._touched)
 
+    def has_started(self, request_id: str) -> bool:
+        """Has the request been scheduled (its KV computed in part), or finished?"""
+        group = self.requests.get(request_id)
+        return group is None or any(s.num_computed_tokens or s.num_output_tokens for s in group.seqs)
+
     @property
     def healthy(self) -> bool:
         """False once a tensor-parallel worker has exited (the model cannot run without its shard) or

@@ -5,16 +5,19 @@ caller's thread so that a bad request fails at once, then queued for the loop th
 alone drives the parts: inbox -> EngineCore.step (token ids) -> OutputProcessor (text, stop
 strings) -> each request's callback. Callbacks must not block.
 """
+import heapq
 import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from typing import Callable
 
 from backend.block_manager import cdiv
 from backend.config import EngineConfig
 from backend.core import EngineCore, EngineCoreRequest
+from backend.errors import UNAVAILABLE, EngineUnavailable
 from backend.output_processor import OutputProcessor
 from backend.outputs import CoreOutput, RequestOutput
 from backend.sampling_params import SamplingParams
@@ -35,6 +38,12 @@ class LLMEngine:
         self.core = EngineCore(config, self.eos_token_ids, runner, scheduler)
         self.processor = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len
+        # A token covers at most this many characters of text: a longer prompt cannot fit, and is
+        # refused before it is tokenized (tokenizing megabytes would take seconds).
+        self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
+        self.num_rejected = 0                 # refused by max_queue_size (metrics)
+        self._deadlines: list[tuple[float, str, str]] = []   # heap of (when, request id, why), loop thread only
+        self._expired: dict[str, str] = {}    # request id -> the error it ends with
         # Requests in flight -> their callback: added under _wakeup by add_request, removed when finished.
         self._callbacks: dict[str, OutputCallback | None] = {}
         self._inbox: deque = deque()          # ("add", (request, prompt)) / ("abort", request_id), from any thread
@@ -50,25 +59,42 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to call from any thread."""
-        return self.core.stats()
+        return {**self.core.stats(), "request_rejected_total": self.num_rejected}
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str, params: SamplingParams,
-                    on_output: OutputCallback | None = None, prompt_token_ids: list[int] | None = None) -> None:
-        """Validate and queue a request; raises ValueError (naming the field) for a bad one."""
-        ids = self.tokenizer.encode(prompt) if prompt_token_ids is None else list(prompt_token_ids)
+                    on_output: OutputCallback | None = None, prompt_token_ids: list[int] | None = None,
+                    timeout_s: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError (naming the field) for a bad one and
+        EngineUnavailable when the engine cannot take it now. timeout_s: the request ends with an
+        error when it has not finished by then (Triton's request timeout)."""
+        self._check_admission()   # before any work on a request that would be refused anyway
+        if prompt_token_ids is None:
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(f"'text_input' has {len(prompt)} characters, more than max_model_len "
+                                 f"({self.max_model_len}) tokens can hold")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
         self._check_fits(ids, params)
         request = EngineCoreRequest(request_id, ids, params)
         with self._wakeup:
-            if self._stopping:
-                raise RuntimeError("the engine is shutting down")
-            if not self.healthy:
-                raise RuntimeError("the engine is not healthy (a tensor-parallel worker exited, or the GPU failed)")
+            self._check_admission()
             if request_id in self._callbacks:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._callbacks[request_id] = on_output
-            self._inbox.append(("add", (request, prompt)))
+            self._inbox.append(("add", (request, prompt, timeout_s)))
             self._wakeup.notify()
+
+    def _check_admission(self):
+        if self._stopping:
+            raise EngineUnavailable("the engine is shutting down")
+        if not self.healthy:
+            raise EngineUnavailable("the engine is not healthy (a tensor-parallel worker exited, or the GPU failed)")
+        limit = self.config.max_queue_size
+        if limit and len(self._inbox) + len(self.core.scheduler.waiting) >= limit:
+            self.num_rejected += 1
+            raise EngineUnavailable(f"the server is overloaded: {limit} requests are waiting to start "
+                                    "(max_queue_size); retry later")
 
     def _check_fits(self, ids: list[int], params: SamplingParams):
         if not ids:
@@ -99,17 +125,40 @@ class LLMEngine:
         """One iteration. Returns the outputs of the requests that progressed (only the finished
         ones with only_finished, for callers that want final results: less work per step)."""
         self._drain_inbox()
+        self._expire()
         return self._handle(self.core.step(), only_finished)
 
     def _drain_inbox(self):
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                request, prompt = item
+                request, prompt, timeout_s = item
                 self.processor.add_request(request.request_id, prompt, request.prompt_token_ids, request.params)
                 self.core.add_request(request)
+                now = time.monotonic()
+                if timeout_s:
+                    heapq.heappush(self._deadlines, (now + timeout_s, request.request_id, "timeout"))
+                if self.config.queue_timeout_s:
+                    heapq.heappush(self._deadlines, (now + self.config.queue_timeout_s, request.request_id, "queue"))
             else:
                 self.core.abort(item)
+
+    def _expire(self):
+        """Requests past their deadline, or still waiting to start after queue_timeout_s, end with an error."""
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id, why = heapq.heappop(self._deadlines)
+            if request_id not in self.core.requests or request_id in self._expired:
+                continue
+            if why == "queue":
+                if self.core.has_started(request_id):
+                    continue
+                error = (f"the server is overloaded: the request waited {self.config.queue_timeout_s:g} s "
+                         "without starting (queue_timeout_s); retry later")
+            else:
+                error = "the request's timeout expired"
+            self._expired[request_id] = error
+            self.core.abort(request_id)
 
     def _handle(self, core_outputs: list[CoreOutput], only_finished: bool = False) -> list[RequestOutput]:
         callbacks = self._callbacks
@@ -120,6 +169,8 @@ class LLMEngine:
         for request_id in failed:
             self.core.abort(request_id)
         for o in outputs:
+            if o.finished and self._expired and o.request_id in self._expired:
+                o.error, o.error_kind = self._expired.pop(o.request_id), UNAVAILABLE
             callback = callbacks.pop(o.request_id, None) if o.finished else callbacks.get(o.request_id)
             if callback is not None:
                 try:
@@ -170,6 +221,8 @@ class LLMEngine:
     def _fail_all(self, error: str | None):
         self._drain_inbox()
         self._handle(self.core.fail_all(error))
+        self._deadlines.clear()
+        self._expired.clear()
 
     def shutdown(self):
         """Stop the loop; every request still in flight gets a final "abort" output."""

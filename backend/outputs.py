@@ -41,6 +41,7 @@ class RequestOutput:
     samples: list[SampleOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None
+    error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
 
     # n = 1 shorthands
     @property

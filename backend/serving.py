@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend import errors
+from backend.errors import EngineUnavailable
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
 
@@ -53,7 +55,7 @@ class BadRequest(ValueError):
 class ErrorKind(enum.Enum):
     """What went wrong; each name is that of the TritonError code the glue sends."""
     INVALID_ARG = "invalid_arg"    # a bad request (HTTP 400), named field in the message
-    UNAVAILABLE = "unavailable"    # the engine is shutting down (or unhealthy)
+    UNAVAILABLE = "unavailable"    # shutting down, unhealthy, overloaded, or the request's timeout expired
     INTERNAL = "internal"          # an engine error, or a bug
     CANCELLED = "cancelled"        # the client went away
 
@@ -154,7 +156,7 @@ def submit_error(e: Exception) -> "Reply":
     """The reply to a request that execute() could not submit."""
     if isinstance(e, ValueError):       # a bad request (BadRequest, or refused by add_request)
         return Reply.failure(ErrorKind.INVALID_ARG, str(e))
-    if isinstance(e, RuntimeError):     # the engine is shutting down
+    if isinstance(e, EngineUnavailable):   # shutting down, unhealthy or overloaded: retry later
         return Reply.failure(ErrorKind.UNAVAILABLE, str(e))
     return Reply.failure(ErrorKind.INTERNAL, f"{type(e).__name__}: {e}")
 
@@ -279,7 +281,8 @@ def respond(state: RequestState, merged: MergedOutput, now: float, interval: flo
     elif poll_cancelled(state, now, interval):
         return CANCEL_REPLY
     if output.error:
-        return Reply.failure(ErrorKind.INTERNAL, output.error)
+        kind = ErrorKind.UNAVAILABLE if output.error_kind == errors.UNAVAILABLE else ErrorKind.INTERNAL
+        return Reply.failure(kind, output.error)
     if output.finished and (not output.samples or any(s.finish_reason == "abort" for s in output.samples)):
         if state.sender.is_cancelled():   # the engine dropped it after the client left
             return Reply.failure(ErrorKind.CANCELLED, CANCELLED_MESSAGE)

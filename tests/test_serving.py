@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from backend import errors
+from backend.errors import EngineUnavailable
 from backend import serving
 from backend.outputs import RequestOutput, SampleOutput
 from backend.serving import BadRequest, ErrorKind, InFlight, MergedOutput, RequestState
@@ -39,8 +41,8 @@ def request_state(parameters="", sender=None, t_start=0.0, **inputs):
     return RequestState("0", sender or FakeSender(), serving.parse_request(inputs, parameters), t_start=t_start)
 
 
-def output(*samples, finished=False, error=None, num_prompt_tokens=3):
-    return RequestOutput("0", PROMPT, num_prompt_tokens, list(samples), finished, error)
+def output(*samples, finished=False, error=None, num_prompt_tokens=3, error_kind=errors.INTERNAL):
+    return RequestOutput("0", PROMPT, num_prompt_tokens, list(samples), finished, error, error_kind)
 
 
 def sample(new_text, text, num_tokens, index=0, finish_reason=None, cumulative_logprob=None):
@@ -146,7 +148,9 @@ def test_engine_request_id_and_submit_errors():
     assert serving.engine_request_id(3, "") == "3"
     cases = [(BadRequest("'n' bad"), ErrorKind.INVALID_ARG, "'n' bad"),
              (ValueError("'text_input' has 9 tokens"), ErrorKind.INVALID_ARG, "'text_input' has 9 tokens"),
-             (RuntimeError("the engine is shutting down"), ErrorKind.UNAVAILABLE, "the engine is shutting down"),
+             (EngineUnavailable("the engine is shutting down"), ErrorKind.UNAVAILABLE, "the engine is shutting down"),
+             (EngineUnavailable("overloaded"), ErrorKind.UNAVAILABLE, "overloaded"),
+             (RuntimeError("a bug"), ErrorKind.INTERNAL, "RuntimeError: a bug"),
              (KeyError("x"), ErrorKind.INTERNAL, "KeyError: 'x'")]
     for error, kind, message in cases:
         reply = serving.submit_error(error)
@@ -267,6 +271,12 @@ def test_engine_error_is_internal():
     reply = replies(state, [output(finished=True, error="tensor-parallel worker 1 exited")])[0]
     assert (reply.error, reply.message, reply.final, reply.abort) == (
         ErrorKind.INTERNAL, "tensor-parallel worker 1 exited", True, False)
+
+
+def test_timeouts_and_overload_after_submission_are_unavailable():
+    state = request_state()
+    reply = replies(state, [output(finished=True, error="the request's timeout expired", error_kind=errors.UNAVAILABLE)])[0]
+    assert (reply.error, reply.message, reply.final) == (ErrorKind.UNAVAILABLE, "the request's timeout expired", True)
 
 
 def test_aborted_by_shutdown_is_unavailable():

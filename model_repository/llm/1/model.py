@@ -4,7 +4,8 @@ Inputs and outputs follow Triton's vLLM backend (see ../config.pbtxt). The logic
 installed package `backend` (backend/serving.py: parsing, responses, merging, metrics); this file
 only moves data between pb_utils and it:
 
-    execute()        parse each request, add it to the engine, return None (responses come later)
+    execute()        read each request's tensors; a submit thread parses and tokenizes it and adds it
+                     to the engine (a long prompt never holds up the next request); return None
     engine thread    calls on_output(RequestOutput): only puts it on a queue
     sender thread    drains the queue, sends what serving.respond() decides; polls cancellation
     finalize()       stops the engine (requests in flight get a final output), drains the sender
@@ -19,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
@@ -33,6 +35,7 @@ except ModuleNotFoundError as e:
                               "`make install` does) or start the server with tools/serve.py") from e
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+SUBMIT_THREADS = 4   # parsing and tokenizing (the tokenizer lets go of the GIL meanwhile)
 
 
 class _Metrics:
@@ -74,6 +77,14 @@ def _request_parameters(request):
         return ""
 
 
+def _timeout_s(request):
+    """Triton's request timeout (the `timeout` parameter, microseconds; 0: none) in seconds."""
+    try:
+        return request.timeout() / 1e6 or None
+    except Exception:  # noqa: BLE001 - an older python_backend without timeout()
+        return None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
@@ -89,6 +100,7 @@ class TritonPythonModel:
         sys.setswitchinterval(serving.GIL_SWITCH_INTERVAL_S)
         self._ids = itertools.count()
         self._queue = queue.SimpleQueue()
+        self._submitter = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="llm-submit")
         try:
             self._metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         except Exception as e:  # noqa: BLE001 - metrics off (--allow-metrics=false) or unsupported
@@ -108,21 +120,27 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            try:
-                self._submit(request, sender)
+            try:   # read the tensors here, while the request is certainly alive; the rest off this thread
+                inputs = {name: tensor.as_numpy() for name in serving.INPUT_NAMES
+                          if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+                work = (sender, inputs, _request_parameters(request), request.request_id(), _timeout_s(request))
             except Exception as e:  # noqa: BLE001 - a bad request (or a bug) fails the request, not the model
                 self._send(sender, serving.submit_error(e))
+                continue
+            self._submitter.submit(self._submit, *work)
         return None
 
-    def _submit(self, request, sender):
-        inputs = {name: tensor.as_numpy() for name in serving.INPUT_NAMES
-                  if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        parsed = serving.parse_request(inputs, _request_parameters(request))
-        request_id = serving.engine_request_id(next(self._ids), request.request_id())
-        state = serving.RequestState(request_id, sender, parsed)
-        put = self._queue.put
-        self.engine.add_request(request_id, parsed.prompt, parsed.params, lambda output: put((state, output)))
-        put((state, None))   # the sender watches it for cancellation even before its first output
+    def _submit(self, sender, inputs, parameters, triton_id, timeout_s):
+        try:
+            parsed = serving.parse_request(inputs, parameters)
+            request_id = serving.engine_request_id(next(self._ids), triton_id)
+            state = serving.RequestState(request_id, sender, parsed)
+            put = self._queue.put
+            self.engine.add_request(request_id, parsed.prompt, parsed.params, lambda output: put((state, output)),
+                                    timeout_s=timeout_s)
+            put((state, None))   # the sender watches it for cancellation even before its first output
+        except Exception as e:  # noqa: BLE001 - a bad request (or a bug) fails the request, not the model
+            self._send(sender, serving.submit_error(e))
 
     def _send(self, sender, reply):
         if reply.error is not None:
@@ -189,6 +207,7 @@ class TritonPythonModel:
         self.logger.log_info("llm: shutting down")
         try:
             self.engine.shutdown()  # every request still in flight gets a final "abort" output
+            self._submitter.shutdown(wait=True)   # submissions still queued are refused (shutting down)
         finally:
             self._queue.put(None)
             self._sender_thread.join(timeout=30)

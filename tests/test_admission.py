@@ -1,0 +1,70 @@
+"""Overload and deadlines: max_queue_size refuses at once, queue_timeout_s and a request's own
+timeout end it with an UNAVAILABLE-kind error, and a prompt too long to fit is refused before it
+is tokenized."""
+import time
+
+import pytest
+
+from backend.errors import UNAVAILABLE, EngineUnavailable
+from tests.helpers import greedy, make_engine
+
+
+def run(engine, until=None):
+    finals = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                finals[o.request_id] = o
+        if until is not None and until(finals):
+            break
+    return finals
+
+
+def test_max_queue_size_refuses_the_excess_and_counts_it(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"], max_queue_size=3)
+    for i in range(3):
+        engine.add_request(f"q{i}", "To be", greedy(4))
+    with pytest.raises(EngineUnavailable, match="max_queue_size"):
+        engine.add_request("q3", "To be", greedy(4))
+    assert engine.stats()["request_rejected_total"] == 1
+    engine.step()   # they start: the queue has room again
+    engine.add_request("q4", "To be", greedy(4))
+    finals = run(engine)
+    assert sorted(finals) == ["q0", "q1", "q2", "q4"] and all(o.error is None for o in finals.values())
+
+
+def test_queue_timeout_fails_only_what_never_started(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"], max_num_seqs=1, max_num_batched_tokens=64, queue_timeout_s=0.3)
+    engine.add_request("first", "To be", greedy(40))
+    engine.add_request("second", "To be", greedy(4))
+    engine.step()   # "first" starts; "second" waits for its seat
+
+    def slow_step(finals):
+        time.sleep(0.02)
+        return False
+    finals = run(engine, slow_step)
+    assert finals["first"].error is None and len(finals["first"].token_ids) == 40
+    assert "queue_timeout_s" in finals["second"].error and finals["second"].error_kind == UNAVAILABLE
+
+
+def test_request_timeout_ends_it_with_an_error(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"])
+    engine.add_request("slow", "To be", greedy(400), timeout_s=0.2)
+    engine.add_request("other", "To be", greedy(8))
+    t0 = time.monotonic()
+    finals = run(engine, lambda f: time.sleep(0.01))
+    assert finals["slow"].error == "the request's timeout expired" and finals["slow"].error_kind == UNAVAILABLE
+    assert time.monotonic() - t0 < 5 and len(finals["slow"].token_ids) < 400
+    assert finals["other"].error is None and len(finals["other"].token_ids) == 8
+    bm = engine.core.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"])
+    huge = "To be or not to be " * 500_000   # 9.5 MB
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="'text_input' has 9500000 characters"):
+        engine.add_request("huge", huge, greedy(4))
+    assert time.perf_counter() - t0 < 0.1, "no tokenizing"
+    assert engine.max_prompt_chars < len(huge)
