@@ -147,6 +147,20 @@ def _bool(inputs, name):
     return None if value is None else bool(value)
 
 
+def timeout_parameter_s(parameters: str) -> float | None:
+    """The `timeout` request parameter (microseconds, Triton's meaning) where Triton passes it on
+    as a plain parameter (HTTP generate) rather than as the request's timeout."""
+    if not parameters or '"timeout"' not in parameters:
+        return None
+    try:
+        micros = json.loads(parameters).get("timeout")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(micros, bool) or not isinstance(micros, int) or micros <= 0:
+        raise BadRequest(f"'timeout' must be a positive integer (microseconds), got {micros!r}")
+    return micros / 1e6
+
+
 def engine_request_id(number: int, triton_id: str) -> str:
     """Unique in the engine (a counter), and the client's id kept for the logs."""
     return f"{number}-{triton_id}" if triton_id else f"{number}"
@@ -342,7 +356,8 @@ class MetricsBook:
     refreshed every REFRESH_S; histograms are observed per request. The glue owns the metric objects."""
 
     COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
-                "prefix_cache_queries", "prefix_cache_hits")
+                "prefix_cache_queries", "prefix_cache_hits",
+                "request_rejected_total")   # ours: refused by max_queue_size
     GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
     HISTOGRAMS = {
         "time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,

@@ -372,10 +372,19 @@ def test_metrics_counter_deltas_and_refresh():
     book = serving.MetricsBook()
     stats = {"prompt_tokens_total": 10, "generation_tokens_total": 4, "num_preemptions_total": 0,
              "prefix_cache_queries": 2, "prefix_cache_hits": 0, "num_requests_running": 1,
-             "num_requests_waiting": 0, "kv_cache_usage_perc": 0.1}
+             "num_requests_waiting": 0, "kv_cache_usage_perc": 0.1, "request_rejected_total": 0}
     assert book.refresh_due(0.0) and not book.refresh_due(0.4) and book.refresh_due(0.5)
     assert book.counter_increments(stats) == {"prompt_tokens_total": 10, "generation_tokens_total": 4,
                                               "prefix_cache_queries": 2}
     assert book.counter_increments(stats) == {}
     assert book.counter_increments(dict(stats, generation_tokens_total=9)) == {"generation_tokens_total": 5}
     assert set(book.GAUGES) <= set(stats)
+
+
+def test_timeout_parameter_in_microseconds():
+    assert serving.timeout_parameter_s("") is None
+    assert serving.timeout_parameter_s('{"max_tokens": 3}') is None
+    assert serving.timeout_parameter_s('{"timeout": 250000, "max_tokens": 3}') == 0.25
+    for bad in ('{"timeout": -1}', '{"timeout": "soon"}', '{"timeout": 1.5}', '{"timeout": true}'):
+        with pytest.raises(BadRequest, match="'timeout'"):
+            serving.timeout_parameter_s(bad)

@@ -53,8 +53,9 @@ def greedy(prompt, max_tokens=16, **extra):
             "parameters": {"temperature": 0, "max_tokens": max_tokens, **extra}}
 
 
-def grpc_stream(server, prompt, sampling, cancel_after=None, request_id="1"):
-    """Stream one request over gRPC; returns (list of text deltas, error or None, final seen)."""
+def grpc_stream(server, prompt, sampling, cancel_after=None, request_id="1", on_response=None):
+    """Stream one request over gRPC; returns (list of text deltas, error or None, final seen).
+    on_response(time.monotonic()) is called as each response arrives."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -75,6 +76,8 @@ def grpc_stream(server, prompt, sampling, cancel_after=None, request_id="1"):
         client.async_stream_infer(MODEL_NAME, inputs, request_id=request_id, enable_empty_final_response=True)
         while True:
             result, err = results.get(timeout=HTTP_TIMEOUT)
+            if on_response is not None:
+                on_response(time.monotonic())
             if err is not None:
                 error = err
                 break

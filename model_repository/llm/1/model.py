@@ -77,12 +77,13 @@ def _request_parameters(request):
         return ""
 
 
-def _timeout_s(request):
-    """Triton's request timeout (the `timeout` parameter, microseconds; 0: none) in seconds."""
+def _timeout_s(request, parameters):
+    """Triton's request timeout (its `timeout` parameter, microseconds) in seconds, or None."""
     try:
-        return request.timeout() / 1e6 or None
+        micros = request.timeout()
     except Exception:  # noqa: BLE001 - an older python_backend without timeout()
-        return None
+        micros = 0
+    return micros / 1e6 if micros else serving.timeout_parameter_s(parameters)
 
 
 class TritonPythonModel:
@@ -123,7 +124,8 @@ class TritonPythonModel:
             try:   # read the tensors here, while the request is certainly alive; the rest off this thread
                 inputs = {name: tensor.as_numpy() for name in serving.INPUT_NAMES
                           if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-                work = (sender, inputs, _request_parameters(request), request.request_id(), _timeout_s(request))
+                parameters = _request_parameters(request)
+                work = (sender, inputs, parameters, request.request_id(), _timeout_s(request, parameters))
             except Exception as e:  # noqa: BLE001 - a bad request (or a bug) fails the request, not the model
                 self._send(sender, serving.submit_error(e))
                 continue
