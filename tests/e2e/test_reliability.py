@@ -133,10 +133,39 @@ def stream_until_error(srv, results, i):
     results[i] = (time.monotonic(), error)
 
 
+def grpc_stream_until_error(srv, results, i):
+    """The same over a gRPC stream (tritonclient)."""
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(srv.grpc_url)
+    done = threading.Event()
+    errors = []
+
+    def callback(result, error):   # tritonclient passes error= by name
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            errors.append(str(error) if error is not None else "")
+            done.set()
+    inputs = []
+    for name, value, dtype in [("text_input", np.array([b"ROMEO:"], dtype=np.object_), "BYTES"),
+                               ("stream", np.array([True]), "BOOL"),
+                               ("sampling_parameters", np.array([json.dumps(
+                                   {"max_tokens": 4000, "ignore_eos": True}).encode()], dtype=np.object_), "BYTES")]:
+        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    client.start_stream(callback=callback)
+    client.async_stream_infer(MODEL_NAME, inputs, enable_empty_final_response=True)
+    done.wait(timeout=30)
+    results[i] = (time.monotonic(), errors[0] if errors else None)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+
 def kill_stub_under_load(srv, streams=4):
-    """kill -9 the stub with `streams` streams in flight; returns what the test checks."""
+    """kill -9 the stub with `streams` streams in flight (the last one over gRPC); returns what the
+    test checks."""
     results = {}
-    threads = [threading.Thread(target=stream_until_error, args=(srv, results, i)) for i in range(streams)]
+    threads = [threading.Thread(target=stream_until_error if i < streams - 1 else grpc_stream_until_error,
+                                args=(srv, results, i)) for i in range(streams)]
     for t in threads:
         t.start()
     time.sleep(1.5)   # the streams are generating
