@@ -76,6 +76,9 @@ class Supervisor:
                 return 1
             log(f"{value}: restarting tritonserver")
             time.sleep(RESTART_PAUSE_S)
+            if self.signals:             # asked to stop while the server was down: stay down
+                log("not restarting: asked to stop")
+                return exit_status(self.server_rc)
             first = False
 
     def _serve_once(self, first):
