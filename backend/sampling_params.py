@@ -1,6 +1,32 @@
-"""SamplingParams: a request's sampling options with vLLM's names, from JSON (values may be strings)."""
+"""SamplingParams: a request's sampling options with vLLM's names, from JSON (values may be strings).
+
+Numbers are parsed exactly: an integer field keeps a JSON integer as it is (seeds above 2**53
+stay distinct), takes "12", "1e3" or 12.0 only when the value is exactly integral, and never goes
+through a float; float fields take finite numbers only. Every bad value raises ValueError whose
+message names the field ('key'), so the glue can answer INVALID_ARG / HTTP 400.
+"""
 import json
+import math
+import re
+import reprlib
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a tinier
+# temperature overflows to inf and the softmax turns into NaNs.
+SAMPLING_EPS = 1e-5
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_N = 64                      # most samples (or beams) per request
+# Stop strings are searched in every new piece of text of the request, so their number and
+# length bound its per-token cost: 64 strings of 256 characters cost ~20 us per token (measured
+# with str.find, the engine's search); 100,000 strings cost ~14 ms per token and slowed others 9x.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256        # checked per generated token (and masked before min_tokens)
+MAX_NUMBER_CHARS = 64           # a number sent as text; longer is refused before any parsing
+
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+_INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
 
 
 @dataclass
@@ -35,62 +61,147 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         """Unknown keys are ignored (requests carry other parameters beside these)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling parameters must be a JSON object, got {_show(d)}")
         kwargs = {}
         for key, value in d.items():
             if value is None:
                 continue
             if key in cls.UNSUPPORTED:
-                if _number(key, value) != cls.UNSUPPORTED[key]:
-                    raise ValueError(f"'{key}' is not supported yet")
+                _check_unsupported(key, value, cls.UNSUPPORTED[key])
                 continue
             conv = _CONVERTERS.get(key)
             if conv is not None:
                 kwargs[key] = conv(key, value)
+        if kwargs.get("seed") == -1:   # vLLM's "no seed"
+            del kwargs["seed"]
         params = cls(**kwargs)
         params.validate()
+        if params.greedy:
+            params.temperature = 0.0
         return params
 
     def validate(self):
         def check(ok, name, what):
             if not ok:
-                raise ValueError(f"'{name}' {what}, got {getattr(self, name)!r}")
-        check(1 <= self.n <= 64, "n", "must be in [1, 64]")
+                raise ValueError(f"'{name}' {what}, got {_show(getattr(self, name))}")
+        check(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        check(self.best_of is None or 1 <= self.best_of <= MAX_N, "best_of", f"must be in [1, {MAX_N}]")
         if self.use_beam_search:
-            check(self.best_of is None or self.best_of >= self.n, "best_of", "must be >= n (the beam width)")
-            check(not self.stop, "stop", "is not supported with use_beam_search")
-            check(self.min_tokens == 0, "min_tokens", "is not supported with use_beam_search")
+            self._validate_beam_search(check)
         else:
             check(self.best_of in (None, self.n), "best_of", "other than n needs use_beam_search")
         check(self.temperature >= 0, "temperature", "must be >= 0")
-        check(self.top_k >= -1, "top_k", "must be -1, 0 (off) or a positive integer")
+        check(-1 <= self.top_k <= INT64_MAX, "top_k", "must be -1, 0 (off) or a positive integer")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        check(self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "seed",
+              "must be in [-2**63, 2**63) (-1: no seed)")
+        check(1 <= self.max_tokens <= INT64_MAX, "max_tokens", "must be >= 1")
         check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(INT64_MIN <= self.priority <= INT64_MAX, "priority", "must fit in 64 bits")
+        check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings")
+        check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+              f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
+        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+              f"may hold at most {MAX_STOP_TOKEN_IDS} ids")
+        for name in ("temperature", "top_p", "min_p", "length_penalty"):
+            check(math.isfinite(getattr(self, name)), name, "must be a finite number")
+
+    def _validate_beam_search(self, check):
+        """Beam search ranks candidates by the model's log-probabilities and draws nothing, so
+        the filters of sampling would be silently ignored: refuse them (as vLLM did while its
+        SamplingParams had use_beam_search). `temperature` is accepted (see README)."""
+        check(self.best_of is None or self.best_of >= self.n, "best_of", "must be >= n (the beam width)")
+        check(not self.stop, "stop", "is not supported with use_beam_search")
+        check(self.min_tokens == 0, "min_tokens", "is not supported with use_beam_search")
+        check(self.top_k in (0, -1), "top_k", "does not apply to use_beam_search (0 or -1 only)")
+        check(self.top_p == 1, "top_p", "does not apply to use_beam_search (1 only)")
+        check(self.min_p == 0, "min_p", "does not apply to use_beam_search (0 only)")
 
 
-def _number(key, value, typ=float):
-    if isinstance(value, bool):
-        raise ValueError(f"'{key}' must be a number, got {value!r}")
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError naming the field when a token id of the request is outside [0, vocab_size).
+    The engine calls it at submission, where the vocabulary is known; an id out of range would
+    otherwise fail (or silently wrap around in) the step that indexes the logits with it."""
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"'stop_token_ids' must be token ids in [0, {vocab_size}), got {_show(bad)}")
+
+
+# ---------------------------------------------------------------------------------- converters
+
+class _ShortRepr(reprlib.Repr):
+    def __init__(self):
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = 60
+        self.maxlist = self.maxdict = 8
+        self.maxlevel = 3
+
+    def repr_int(self, x, level):
+        # repr() of an int with more than 4300 digits raises; say its size instead.
+        return repr(x) if x.bit_length() <= 128 else f"<an integer of {x.bit_length()} bits>"
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def _show(value):
+    """repr for an error message, cut short (a client may send megabytes or deep nesting)."""
+    return _SHORT_REPR.repr(value)
+
+
+def _number_text(key, value):
+    """A number sent as a string: bounded in length and shaped like a JSON number (no '1_0', 'inf')."""
+    if len(value) > MAX_NUMBER_CHARS or not _NUMBER_TEXT.fullmatch(value):
+        raise ValueError(f"'{key}' must be a finite number, got {_show(value)}")
+    return value.strip()
+
+
+def _float(key, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"'{key}' must be a number, got {_show(value)}")
     try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"'{key}' must be a number, got {value!r}") from None
-    if typ is int:
-        if x != int(x):
-            raise ValueError(f"'{key}' must be an integer, got {value!r}")
-        return int(x)
+        x = float(_number_text(key, value) if isinstance(value, str) else value)
+    except OverflowError:   # an int beyond the float range
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"'{key}' must be a finite number, got {_show(value)}")
     return x
 
 
 def _int(key, value):
-    return _number(key, value, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"'{key}' must be an integer, got {_show(value)}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"'{key}' must be an integer, got {_show(value)}")
+        return int(value)   # exact: an integral float converts without rounding
+    text = _number_text(key, value)
+    if _INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    return _integral_decimal(key, value, text)
+
+
+def _integral_decimal(key, value, text):
+    """'1e3', '12.0': exact through Decimal; an exponent beyond 64-bit range is refused before
+    int() would build a number with millions of digits."""
+    try:
+        d = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"'{key}' must be an integer, got {_show(value)}") from None
+    if d != 0 and d.adjusted() > 19:
+        raise ValueError(f"'{key}' must fit in 64 bits, got {_show(value)}")
+    if d != d.to_integral_value():
+        raise ValueError(f"'{key}' must be an integer, got {_show(value)}")
+    return int(d)
 
 
 def _bool(key, value):
@@ -100,36 +211,45 @@ def _bool(key, value):
         return value.strip().lower() in ("true", "1")
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"'{key}' must be true or false, got {value!r}")
+    raise ValueError(f"'{key}' must be true or false, got {_show(value)}")
+
+
+def _json_list(value):
+    """A list sent as a JSON string (e.g. through a string-only request parameter)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    return value
 
 
 def _str_list(key, value):
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
+    value = _json_list(value)
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"'{key}' must be a string or a list of strings, got {value!r}")
+        raise ValueError(f"'{key}' must be a string or a list of strings, got {_show(value)}")
     return values
 
 
 def _int_list(key, value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"'{key}' must be a list of integers, got {value!r}") from None
-    if not isinstance(value, list):
-        value = [value]
-    return [_int(key, v) for v in value]
+    value = _json_list(value)
+    values = value if isinstance(value, list) else [value]
+    if len(values) > MAX_STOP_TOKEN_IDS:   # before converting a million elements
+        raise ValueError(f"'{key}' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(values)}")
+    return [_int(key, v) for v in values]
+
+
+def _check_unsupported(key, value, no_op):
+    supported = value == no_op if no_op is None else _float(key, value) == no_op
+    if not supported:
+        raise ValueError(f"'{key}' is not supported yet")
 
 
 _CONVERTERS = {
-    "n": _int, "temperature": _number, "top_k": _int, "top_p": _number, "min_p": _number, "seed": _int,
+    "n": _int, "temperature": _float, "top_k": _int, "top_p": _float, "min_p": _float, "seed": _int,
     "max_tokens": _int, "min_tokens": _int, "stop": _str_list, "stop_token_ids": _int_list,
     "ignore_eos": _bool, "skip_special_tokens": _bool, "detokenize": _bool, "include_stop_str_in_output": _bool,
-    "use_beam_search": _bool, "best_of": _int, "length_penalty": _number, "early_stopping": _bool,
+    "use_beam_search": _bool, "best_of": _int, "length_penalty": _float, "early_stopping": _bool,
     "priority": _int,
 }

@@ -40,3 +40,148 @@ def test_engine_config_errors_name_the_parameter(tiny_checkpoints, key, value):
     params = {"model": tiny_checkpoints["llama"], key: value}
     with pytest.raises(ValueError, match=f"'{key}'"):
         EngineConfig.from_parameters(params)
+
+
+# ------------------------------------------------------------------------------ exact numbers
+
+def _case_id(value):
+    from backend.sampling_params import _show
+    return _show(value)[:24]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (12, 12), ("12", 12), (" 12 ", 12), ("+12", 12), (12.0, 12), ("12.0", 12), ("1e3", 1000), ("1.5e1", 15),
+    (2**53 + 1, 2**53 + 1), (str(2**53 + 1), 2**53 + 1),
+])
+def test_integers_are_exact(value, expected):
+    p = SamplingParams.from_dict({"max_tokens": value})
+    assert p.max_tokens == expected and type(p.max_tokens) is int
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "n", "seed", "top_k", "min_tokens", "priority", "best_of"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", float("inf"), float("nan"), "1e400", 1e400,
+                                   "1e999999999", "1_0", "0x10", "12abc", "", " ", [1], {"a": 1}, True, 1.5, "1.5",
+                                   10**5000, "9" * 10000], ids=lambda v: _case_id(v))
+def test_bad_integers_name_the_field(key, value):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        SamplingParams.from_dict({key: value})
+
+
+@pytest.mark.parametrize("key", ["temperature", "top_p", "min_p", "length_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", float("nan"), float("inf"), "1e400", 10**400, "abc",
+                                   [0.5], True], ids=lambda v: _case_id(v))
+def test_bad_floats_name_the_field(key, value):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        SamplingParams.from_dict({key: value})
+
+
+def test_seeds_are_exact_and_in_vllms_range():
+    big = 2**62 + 1
+    assert SamplingParams.from_dict({"seed": big}).seed == big
+    assert SamplingParams.from_dict({"seed": str(big)}).seed != SamplingParams.from_dict({"seed": big + 1}).seed
+    assert SamplingParams.from_dict({"seed": 2**63 - 1}).seed == 2**63 - 1
+    assert SamplingParams.from_dict({"seed": -2**63}).seed == -2**63
+    assert SamplingParams.from_dict({"seed": -1}).seed is None          # vLLM: -1 means no seed
+    for bad in (2**63, 2**64, -2**63 - 1, "18446744073709551616"):
+        with pytest.raises(ValueError, match="'seed'"):
+            SamplingParams.from_dict({"seed": bad})
+
+
+@pytest.mark.parametrize("t", [0, 1e-40, "1e-40", 9.9e-6, "0.0"])
+def test_tiny_temperature_is_greedy(t):
+    p = SamplingParams.from_dict({"temperature": t})
+    assert p.greedy and p.temperature == 0.0
+    assert not SamplingParams.from_dict({"temperature": 1e-5}).greedy
+
+
+@pytest.mark.parametrize("extra, field", [({"top_k": 5}, "top_k"), ({"top_p": 0.5}, "top_p"),
+                                          ({"min_p": 0.1}, "min_p"), ({"best_of": 65}, "best_of")])
+def test_beam_search_refuses_sampling_filters(extra, field):
+    with pytest.raises(ValueError, match=f"'{field}'"):
+        SamplingParams.from_dict({"use_beam_search": True, "n": 2, **extra})
+    # temperature is accepted (the project's seed request sends 0.7 with use_beam_search)
+    assert SamplingParams.from_dict({"use_beam_search": True, "n": 2, "temperature": 0.7}).beam_width == 2
+
+
+def test_stop_caps():
+    from backend.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+    assert len(SamplingParams.from_dict({"stop": ["x"] * MAX_STOP_STRINGS}).stop) == MAX_STOP_STRINGS
+    for stop in (["x"] * 100_000, ["x"] * (MAX_STOP_STRINGS + 1), ["y" * (MAX_STOP_STRING_CHARS + 1)], [""]):
+        with pytest.raises(ValueError, match="'stop'") as e:
+            SamplingParams.from_dict({"stop": stop})
+        assert len(str(e.value)) < 300          # the message does not echo the whole list
+    with pytest.raises(ValueError, match="'stop_token_ids'"):
+        SamplingParams.from_dict({"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))})
+
+
+def test_check_token_ids():
+    from backend.sampling_params import check_token_ids
+    check_token_ids(SamplingParams.from_dict({"stop_token_ids": [0, 99]}), vocab_size=100)
+    for ids in ([100], [-1], [10**30], [5, 999999]):
+        with pytest.raises(ValueError, match="'stop_token_ids'"):
+            check_token_ids(SamplingParams.from_dict({"stop_token_ids": ids}), vocab_size=100)
+
+
+# ------------------------------------------------------------------------------ any JSON value
+
+def _json_values():
+    from hypothesis import strategies as st
+    numbers_as_text = st.sampled_from(["12", "1e3", "1.5", "-1", "0", "inf", "nan", "1e400", "-0.0", " 7 ", "1_0",
+                                       "true", "false", "[1, 2]", "[\"a\"]", "18446744073709551616", "1e-40"])
+    edge_integers = st.sampled_from([10**400, -10**400, 2**53 + 1, 2**63, 2**64, -2**63 - 1, -1, 0, 65])
+    scalars = (st.none() | st.booleans() | st.integers() | edge_integers
+               | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20) | numbers_as_text)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+def _known_keys():
+    from backend.sampling_params import _CONVERTERS
+    return sorted(set(_CONVERTERS) | set(SamplingParams.UNSUPPORTED))
+
+
+def _assert_valid(p):
+    import math
+    assert isinstance(p, SamplingParams)
+    for name in ("n", "top_k", "max_tokens", "min_tokens", "priority"):
+        assert type(getattr(p, name)) is int, name
+    for name in ("temperature", "top_p", "min_p", "length_penalty"):
+        assert isinstance(getattr(p, name), (int, float)) and math.isfinite(getattr(p, name)), name
+    assert p.seed is None or (type(p.seed) is int and -2**63 <= p.seed < 2**63)
+    assert 1 <= p.n <= 64 and 1 <= p.max_tokens and 0 <= p.min_tokens <= p.max_tokens
+    assert all(type(t) is int for t in p.stop_token_ids) and all(isinstance(s, str) and s for s in p.stop)
+    assert p.greedy == (p.temperature == 0)
+
+
+def test_any_json_values_give_params_or_a_named_error():
+    """Random JSON values for every known key: a valid SamplingParams, or a ValueError naming one of
+    the keys given (never another exception type, never an unnamed error)."""
+    from hypothesis import given, settings, HealthCheck
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(st.sampled_from(_known_keys()), _json_values(), max_size=6))
+    def run(d):
+        try:
+            p = SamplingParams.from_dict(d)
+        except ValueError as e:
+            assert any(f"'{k}'" in str(e) for k in d), (d, str(e))
+        else:
+            _assert_valid(p)
+
+    run()
+
+
+def test_any_json_value_for_one_key_names_that_key():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.sampled_from(_known_keys()), _json_values())
+    def run(key, value):
+        try:
+            _assert_valid(SamplingParams.from_dict({key: value}))
+        except ValueError as e:
+            assert f"'{key}'" in str(e), (key, value, str(e))
+
+    run()

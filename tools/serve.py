@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Launch Triton Inference Server on this repository's model repository.
+"""Launch Triton Inference Server on this repository's model repository, and keep it serving.
 
 The server binary, its Python backend and the backend stubs come from the `nvidia-pytriton`
 wheel (``pytriton/tritonserver``) installed in the running interpreter's environment, or from
@@ -13,17 +13,33 @@ folder is put first on PATH: the stub runs the model in the environment of the f
     python tools/serve.py --http-port 9000 --model-repository /tmp/repo -- --log-verbose=1
 
 Unknown arguments are passed through to tritonserver.
+
+Safe defaults: the server listens on 127.0.0.1; the shared-memory, model-repository, logging and
+trace APIs need the header `llm-admin-key: $LLM_ADMIN_KEY` (without the variable, a random key
+that nobody knows). tritonserver runs as a child that supervisor.py restarts when its
+Python-backend stub dies or it crashes; stopping the launcher stops it and leaves nothing behind.
 """
 import argparse
 import glob
 import os
+import re
+import secrets
 import shutil
 import sys
 import sysconfig
 import tempfile
 
+from supervisor import Supervisor
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
+ADMIN_HEADER = "llm-admin-key"
+ADMIN_KEY_ENV = "LLM_ADMIN_KEY"
+# Endpoints a client must not reach: shared-memory registration makes the server read and write
+# memory a client names; the repository API loads and unloads models; logging and trace settings
+# change what the server writes to disk. Inference, health, metadata, model config and statistics
+# stay open (perf_analyzer and genai-perf read the last two).
+ADMIN_APIS = "shared-memory,model-repository,logging,trace"
 
 
 def find_server_root():
@@ -66,7 +82,7 @@ def prepare_backends(root, work_dir):
     existing = os.path.join(root, "backends", "python", "triton_python_backend_stub")
     if not os.path.isfile(stub):
         if os.path.isfile(existing):
-            stub = existing  # a server image that already carries its stub
+            return os.path.join(root, "backends")  # a server image that already carries its stub
         else:
             sys.exit(f"serve.py: no Python backend stub for Python {PYVER} under {root}")
     signature = "\n".join([_tree_signature(os.path.join(root, "backends", "python", "libtriton_python.so")),
@@ -103,7 +119,7 @@ def prepare_backends(root, work_dir):
     return dest
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default=os.path.join(REPO, "model_repository"))
     p.add_argument("--http-port", type=int, default=8000)
@@ -113,20 +129,67 @@ def main(argv=None):
                    help="address for HTTP, gRPC and metrics (0.0.0.0 to listen on all)")
     p.add_argument("--work-dir", default=os.environ.get("LLM_TRITON_WORK_DIR", os.path.join(REPO, ".triton")),
                    help="writable folder for the backend copy (default: .triton in the repository)")
+    p.add_argument("--admin-apis", default=ADMIN_APIS,
+                   help=f"APIs that need the header '{ADMIN_HEADER}: ${ADMIN_KEY_ENV}' "
+                        f"(default: {ADMIN_APIS}; 'none': leave every API open)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="most restarts of tritonserver within 10 minutes before the launcher gives up "
+                        "and exits with an error (0: never restart)")
     p.add_argument("--print-command", action="store_true", help="print the command and environment, don't run")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    return args, extra
 
-    root, libs = find_server_root()
-    work_dir = args.work_dir
-    try:
-        os.makedirs(work_dir, exist_ok=True)
-        backends = prepare_backends(root, work_dir)
-    except OSError:  # read-only checkout: use a temporary folder
-        backends = prepare_backends(root, os.path.join(tempfile.gettempdir(), f"llm-triton-{os.getuid()}"))
 
+def admin_key():
+    """$LLM_ADMIN_KEY, else a random key: the restricted APIs are then closed to everyone."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        return secrets.token_urlsafe(32)
+    # Triton parses "<apis>:<header>=<key>" (and the API list at commas): keep the key plain.
+    if not re.fullmatch(r"[A-Za-z0-9._~+/-]{16,}", key):
+        sys.exit(f"serve.py: {ADMIN_KEY_ENV} must be at least 16 characters of A-Z a-z 0-9 . _ ~ + / -")
+    return key
+
+
+def _has_flag(extra, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in extra)
+
+
+def _flag_value(extra, flag, default):
+    for i, a in enumerate(extra):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(extra):
+            return extra[i + 1]
+    return default
+
+
+def security_args(apis, key, extra):
+    """Triton's flags that put `apis` behind the admin header, unless the caller passed its own."""
+    if apis.strip().lower() in ("", "none"):
+        return []
+    args = []
+    if not _has_flag(extra, "--http-restricted-api"):
+        args.append(f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}")
+    if not _has_flag(extra, "--grpc-restricted-protocol"):
+        args.append(f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}")
+    return args
+
+
+def shm_args(extra):
+    """A shared-memory prefix of this launcher's own, so that it can remove exactly the regions its
+    server left behind (a killed server never removes them). Returns (args, prefix or None)."""
+    if any("shm-region-prefix-name" in a for a in extra):
+        return [], None     # the caller chose a prefix: its regions are the caller's to manage
+    prefix = f"llm_serve_{os.getpid()}_{secrets.token_hex(3)}_"
+    return ["--backend-config", f"python,shm-region-prefix-name={prefix}"], prefix
+
+
+def server_env(libs):
     env = dict(os.environ)
+    env.pop(ADMIN_KEY_ENV, None)   # the server's processes (and the model's code) have no use for it
     bindir = os.path.dirname(sys.executable)  # not resolved: a venv's bin/ is what we want
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     if sys.prefix != sys.base_prefix:
@@ -138,21 +201,46 @@ def main(argv=None):
     # without `pip install -e .` (a GPU host's bundle venv).
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep)
                                                   if x and x != REPO])
+    return env
 
+
+def ready_url(args):
+    """The server's readiness endpoint as the launcher reaches it (a wildcard address: loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(args.address, args.address)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{host}:{args.http_port}/v2/health/ready"
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    root, libs = find_server_root()
+    work_dir = args.work_dir
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        backends = prepare_backends(root, work_dir)
+    except OSError:  # read-only checkout: use a temporary folder
+        backends = prepare_backends(root, os.path.join(tempfile.gettempdir(), f"llm-triton-{os.getuid()}"))
+
+    key = admin_key()
+    shm, shm_prefix = shm_args(extra)
     cmd = [os.path.join(root, "bin", "tritonserver"),
            "--model-repository", os.path.abspath(args.model_repository),
            "--backend-directory", backends,
            "--http-address", args.address, "--http-port", str(args.http_port),
            "--grpc-address", args.address, "--grpc-port", str(args.grpc_port),
            "--metrics-address", args.address, "--metrics-port", str(args.metrics_port),
-           *extra]
+           *security_args(args.admin_apis, key, extra), *shm, *extra]
+    env = server_env(libs)
     if args.print_command:
         for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH"):
             print(f"{k}={env[k]}")
-        print(" ".join(cmd))
+        print(" ".join(cmd).replace(key, "<admin key>"))
         return 0
     sys.stdout.flush()
-    os.execve(cmd[0], cmd, env)
+    exit_timeout = float(_flag_value(extra, "--exit-timeout-secs", 30))
+    supervisor = Supervisor(cmd, env, ready_url(args), shm_prefix, exit_timeout_s=exit_timeout,
+                            max_restarts=args.max_restarts)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def make_model_repository(dest, model_path, **parameters):
 class Server:
     """tritonserver via tools/serve.py; its output goes to log_path."""
 
-    def __init__(self, model_repository, log_path, extra_args=()):
+    def __init__(self, model_repository, log_path, extra_args=(), env=None):
         self.model_repository = model_repository
         self.log_path = log_path
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self.proc = None
 
     def start(self):
@@ -62,9 +63,12 @@ class Server:
                "--model-repository", str(self.model_repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--exit-timeout-secs", "10", *self.extra_args]
+        env = dict(os.environ, **self.env)
         self._log = open(self.log_path, "w")
-        # A session of its own, so that stop() can end the server and its Python stub together.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        # A session of its own for the launcher. (The launcher runs tritonserver in a process group
+        # of its own; that server gets SIGTERM when the launcher dies, even by SIGKILL.)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         return self
 
     def log(self):
