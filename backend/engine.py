@@ -20,7 +20,7 @@ from backend.core import EngineCore, EngineCoreRequest
 from backend.errors import UNAVAILABLE, EngineUnavailable
 from backend.output_processor import OutputProcessor
 from backend.outputs import CoreOutput, RequestOutput
-from backend.sampling_params import SamplingParams
+from backend.sampling_params import SamplingParams, check_token_ids
 from backend.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class LLMEngine:
         self.core = EngineCore(config, self.eos_token_ids, runner, scheduler)
         self.processor = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len
+        self.vocab_size = config.hf["vocab_size"]   # the logits' width: every token id a request names is below it
         # A token covers at most this many characters of text: a longer prompt cannot fit, and is
         # refused before it is tokenized (tokenizing megabytes would take seconds).
         self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
@@ -74,8 +75,13 @@ class LLMEngine:
                 raise ValueError(f"'text_input' has {len(prompt)} characters, more than max_model_len "
                                  f"({self.max_model_len}) tokens can hold")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        ids = list(prompt_token_ids)
+        else:
+            prompt_token_ids = list(prompt_token_ids)
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_token_ids):
+                raise ValueError(f"'prompt_token_ids' must be token ids in [0, {self.vocab_size})")
+        ids = prompt_token_ids
         self._check_fits(ids, params)
+        check_token_ids(params, self.vocab_size)
         request = EngineCoreRequest(request_id, ids, params)
         with self._wakeup:
             self._check_admission()

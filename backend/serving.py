@@ -147,6 +147,23 @@ def _bool(inputs, name):
     return None if value is None else bool(value)
 
 
+def request_parameters(request) -> str:
+    """The request parameters' JSON of a pb_utils.InferenceRequest ("" where there are none)."""
+    try:
+        return request.parameters()
+    except Exception:  # noqa: BLE001 - an older python_backend without parameters()
+        return ""
+
+
+def request_timeout_s(request, parameters: str) -> float | None:
+    """Triton's request timeout (its `timeout` parameter, microseconds) in seconds, or None."""
+    try:
+        micros = request.timeout()
+    except Exception:  # noqa: BLE001 - an older python_backend without timeout()
+        micros = 0
+    return micros / 1e6 if micros else timeout_parameter_s(parameters)
+
+
 def timeout_parameter_s(parameters: str) -> float | None:
     """The `timeout` request parameter (microseconds, Triton's meaning) where Triton passes it on
     as a plain parameter (HTTP generate) rather than as the request's timeout."""

@@ -84,3 +84,66 @@ def test_many_poisoned_requests_do_not_stop_the_engine(tiny_checkpoints):
         assert done.wait(60) and finals["after"].token_ids == ref[0]
     finally:
         engine.shutdown()
+
+
+# ---- any sampling parameters beside a good request --------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from backend.sampling_params import _CONVERTERS, SamplingParams  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=6)
+_PLAUSIBLE = {"_int": st.integers(-2, 40), "_float": st.floats(-0.5, 2.5), "_bool": st.booleans(),
+              "_str_list": st.lists(st.sampled_from(["e", " ", "th", "\n", ""]), max_size=3),
+              "_int_list": st.lists(st.integers(-2, 5000), max_size=3)}
+
+
+def _entry(key):
+    plausible = _PLAUSIBLE[_CONVERTERS[key].__name__]   # mostly values of the key's type, sometimes anything
+    return st.one_of(plausible, plausible, plausible, _json).map(lambda value: (key, value))
+
+
+_raw_params = st.lists(st.sampled_from(sorted(_CONVERTERS)), unique=True, max_size=5).flatmap(
+    lambda keys: st.tuples(*map(_entry, keys))).map(dict)
+RUNS = {"accepted": 0}
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_checkpoints):
+    engine = make_engine(tiny_checkpoints["llama"])
+    return engine, engine.generate(["To be"], greedy(6))[0].token_ids, iter(range(10**9))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_raw_params)
+def test_any_sampling_parameters_never_fail_another_request(shared, raw):
+    engine, ref, ids = shared
+    try:
+        params = SamplingParams.from_dict(raw)
+    except ValueError:
+        return   # refused with a message naming the field (tests/test_params.py)
+    params.max_tokens = min(params.max_tokens, 8)
+    params.min_tokens = min(params.min_tokens, params.max_tokens)
+    n = next(ids)
+    try:
+        engine.add_request(f"any{n}", "To be", params)
+    except ValueError:
+        return   # refused at submission (e.g. a token id outside the vocabulary)
+    RUNS["accepted"] += 1
+    engine.add_request(f"good{n}", "To be", greedy(6))
+    finals = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                finals[o.request_id] = o
+    assert finals[f"good{n}"].error is None and finals[f"good{n}"].token_ids == ref
+    assert finals[f"any{n}"].error is None, finals[f"any{n}"].error
+    assert RUNS["accepted"] or n < 100
+
+
+def test_any_sampling_parameters_ran_enough_accepted_requests():
+    if not RUNS["accepted"]:
+        pytest.skip("the hypothesis test did not run in this session")
+    print("accepted random sampling parameters:", RUNS["accepted"])
+    assert RUNS["accepted"] >= 20

@@ -86,7 +86,7 @@ def test_prompt_alias_and_text_input_first():
     ({"text_input": text(PROMPT), "sampling_parameters": text("{not json")}, "'sampling_parameters' is not valid JSON"),
     ({"text_input": text(PROMPT), "sampling_parameters": text("[1]")}, "'sampling_parameters' must be a JSON object"),
     ({"text_input": text(PROMPT), "sampling_parameters": text('{"temperature": "abc"}')},
-     "'temperature' must be a number, got 'abc'"),
+     "'temperature' must be a finite number, got 'abc'"),
     ({"text_input": text(PROMPT), "sampling_parameters": text('{"presence_penalty": 0.5}')},
      "'presence_penalty' is not supported yet"),
     ({"text_input": text(PROMPT), "return_finish_reason": np.array([True, True])},
@@ -388,3 +388,15 @@ def test_timeout_parameter_in_microseconds():
     for bad in ('{"timeout": -1}', '{"timeout": "soon"}', '{"timeout": 1.5}', '{"timeout": true}'):
         with pytest.raises(BadRequest, match="'timeout'"):
             serving.timeout_parameter_s(bad)
+
+
+def test_request_timeout_from_triton_or_the_parameters():
+    class Request:
+        def __init__(self, micros):
+            self.micros = micros
+
+        def timeout(self):
+            return self.micros
+    assert serving.request_timeout_s(Request(2_000_000), '{"timeout": 5}') == 2.0
+    assert serving.request_timeout_s(Request(0), '{"timeout": 500000}') == 0.5
+    assert serving.request_timeout_s(object(), "") is None   # an older python_backend: no timeout()

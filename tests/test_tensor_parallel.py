@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from backend.errors import EngineUnavailable
 from tests.conftest import DEFAULT_MODEL
 from tests.helpers import greedy, make_engine, prompt_set
 
@@ -39,13 +40,13 @@ def test_dead_worker_fails_requests_and_marks_unhealthy(tiny_checkpoints):
             finals[o.request_id] = o
             done.set()
 
+    engine.add_request("x", "To be", greedy(400), on_output)   # in flight when the worker dies
     worker = engine.core.workers.procs[0]
     worker.kill()
     worker.join()
-    engine.add_request("x", "To be", greedy(50), on_output)
-    assert done.wait(60), "the request must fail, not hang"
+    assert done.wait(60), "the request in flight must fail, not hang"
     assert finals["x"].error and "worker" in finals["x"].error
     assert not engine.healthy
-    with pytest.raises(RuntimeError, match="not healthy"):
+    with pytest.raises(EngineUnavailable, match="not healthy"):
         engine.add_request("y", "To be", greedy(5), on_output)
     engine.shutdown()

@@ -1,6 +1,6 @@
 """One client never hurts another, against a real tritonserver: a poisonous request, a 10 MB
 prompt, overload beyond max_queue_size, and Triton's request timeout."""
-import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -113,3 +113,29 @@ def test_overload_beyond_max_queue_size_is_refused_at_once(small_server):
             break
         time.sleep(0.2)
     assert counted == [len(refused)], counted
+
+
+SOAK = bool(os.environ.get("LLM_SOAK"))
+
+
+def test_many_concurrent_requests_none_lost_or_wrong(server):
+    """CI: 200 requests at 50 concurrent; LLM_SOAK=1: 2,000 at 200. Greedy outputs are compared with
+    the same prompts answered one at a time."""
+    total, concurrency = (2000, 200) if SOAK else (200, 50)
+    prompts = [f"{name}:" for name in ("ROMEO", "JULIET", "KING", "First Citizen", "HAMLET", "O")]
+    expected = {p: generate(server, {"text_input": p, "exclude_input_in_output": True, "parameters": {
+        "temperature": 0, "max_tokens": 12, "ignore_eos": True}}).json()["text_output"] for p in prompts}
+
+    def one(i):
+        p = prompts[i % len(prompts)]
+        r = generate(server, {"text_input": p, "exclude_input_in_output": True,
+                              "parameters": {"temperature": 0, "max_tokens": 12, "ignore_eos": True}})
+        return r.status_code, (r.json().get("text_output") if r.status_code == 200 else r.text), expected[p]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(total)))
+    failed = [r for r in results if r[0] != 200]
+    wrong = [r for r in results if r[0] == 200 and r[1] != r[2]]
+    print(f"{total} requests at {concurrency} concurrent in {time.monotonic() - t0:.1f} s: "
+          f"{len(failed)} failed, {len(wrong)} wrong")
+    assert not failed and not wrong, (failed[:2], wrong[:2])

@@ -1,17 +1,11 @@
 """Triton Python-backend glue for the LLM engine (decoupled: one request, many responses).
 
-Inputs and outputs follow Triton's vLLM backend (see ../config.pbtxt). The logic lives in the
-installed package `backend` (backend/serving.py: parsing, responses, merging, metrics); this file
-only moves data between pb_utils and it:
-
-    execute()        read each request's tensors; a submit thread parses and tokenizes it and adds it
-                     to the engine (a long prompt never holds up the next request); return None
-    engine thread    calls on_output(RequestOutput): only puts it on a queue
-    sender thread    drains the queue, sends what serving.respond() decides; polls cancellation
-    finalize()       stops the engine (requests in flight get a final output), drains the sender
-
-When the sender falls behind, the outputs of one request waiting in the queue are merged into
-one response (several tokens per response), so the engine never waits for the response path.
+Inputs and outputs follow Triton's vLLM backend (../config.pbtxt). The logic lives in the package
+`backend` (serving.py: parsing, responses, merging, metrics); this file moves data to and from pb_utils:
+execute() reads each request's tensors and hands it to a submit thread (parse, tokenize, add to the
+engine); the engine thread puts outputs on a queue; the sender thread sends what serving.respond()
+decides (a request's queued outputs merged into one response) and polls cancellation; finalize()
+stops the engine (requests in flight get a final output) and drains the sender.
 """
 import itertools
 import json
@@ -36,6 +30,9 @@ except ModuleNotFoundError as e:
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SUBMIT_THREADS = 4   # parsing and tokenizing (the tokenizer lets go of the GIL meanwhile)
+# A broken engine (a tensor-parallel worker or the GPU gone) fails what is in flight; this long
+# after, the stub exits so that the launcher restarts the server (Triton 2.51 has no readiness hook).
+EXIT_AFTER_BROKEN_S = 1.0
 
 
 class _Metrics:
@@ -68,22 +65,6 @@ class _Metrics:
     def close(self):
         self.metrics.clear()    # Metric objects first, then their families (Triton requires this order)
         self.families.clear()
-
-
-def _request_parameters(request):
-    try:
-        return request.parameters()
-    except Exception:  # noqa: BLE001 - an older python_backend without parameters()
-        return ""
-
-
-def _timeout_s(request, parameters):
-    """Triton's request timeout (its `timeout` parameter, microseconds) in seconds, or None."""
-    try:
-        micros = request.timeout()
-    except Exception:  # noqa: BLE001 - an older python_backend without timeout()
-        micros = 0
-    return micros / 1e6 if micros else serving.timeout_parameter_s(parameters)
 
 
 class TritonPythonModel:
@@ -124,8 +105,8 @@ class TritonPythonModel:
             try:   # read the tensors here, while the request is certainly alive; the rest off this thread
                 inputs = {name: tensor.as_numpy() for name in serving.INPUT_NAMES
                           if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-                parameters = _request_parameters(request)
-                work = (sender, inputs, parameters, request.request_id(), _timeout_s(request, parameters))
+                parameters = serving.request_parameters(request)
+                work = (sender, inputs, parameters, request.request_id(), serving.request_timeout_s(request, parameters))
             except Exception as e:  # noqa: BLE001 - a bad request (or a bug) fails the request, not the model
                 self._send(sender, serving.submit_error(e))
                 continue
@@ -176,8 +157,13 @@ class TritonPythonModel:
                 return items
 
     def _sender_loop(self):
-        in_flight, stopping = serving.InFlight(), False
+        in_flight, stopping, broken_since = serving.InFlight(), False, None
         while not stopping:
+            if not self.engine.healthy:
+                broken_since = broken_since or time.monotonic()
+                if time.monotonic() - broken_since > EXIT_AFTER_BROKEN_S:
+                    self.logger.log_error("llm: the engine is broken; exiting so that the server is restarted")
+                    os._exit(1)
             merged, stopping = in_flight.take(self._take_queued())   # one response per request per round
             now = time.monotonic()
             interval = in_flight.cancel_check_interval()
