@@ -244,6 +244,12 @@ def test_numbers_as_strings(server):
         "text_output"]
 
 
+def test_tiny_temperature_is_greedy(server):
+    body = greedy(PROMPT, max_tokens=12)
+    tiny = dict(body, parameters=dict(body["parameters"], temperature=1e-40))
+    assert generate(server, tiny).json()["text_output"] == generate(server, body).json()["text_output"]
+
+
 @pytest.mark.parametrize("body,field", [
     ({"prompt": PROMPT, "temperature": "abc"}, "temperature"),
     ({"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
@@ -254,6 +260,14 @@ def test_numbers_as_strings(server):
     ({"temperature": 0}, "text_input"),
     ({"prompt": PROMPT, "stream": True, "exclude_input_in_output": False}, "exclude_input_in_output"),
     ({"prompt": "x" * 20000}, "max_model_len"),
+    # numbers read exactly (issue 10): each answered 400 naming its field, never 500
+    ({"prompt": PROMPT, "max_tokens": "inf"}, "max_tokens"),
+    ({"prompt": PROMPT, "temperature": "nan"}, "temperature"),
+    ({"prompt": PROMPT, "sampling_parameters": '{"seed": 18446744073709551616}'}, "seed"),
+    ({"prompt": PROMPT, "sampling_parameters": '{"max_tokens": 1e400}'}, "max_tokens"),
+    ({"prompt": PROMPT, "sampling_parameters": json.dumps({"stop": [f"s{i}" for i in range(100_000)]})}, "stop"),
+    ({"prompt": PROMPT, "sampling_parameters": '{"stop_token_ids": [999999]}'}, "stop_token_ids"),
+    ({"prompt": PROMPT, "sampling_parameters": '{"use_beam_search": true, "n": 2, "top_p": 0.5}'}, "top_p"),
 ])
 def test_bad_request(server, body, field):
     r = generate(server, body)
