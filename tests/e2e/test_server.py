@@ -462,3 +462,13 @@ def test_vllm_metrics(server):
     assert value("vllm:request_generation_tokens_sum") >= 14
     assert 0 <= value("vllm:kv_cache_usage_perc") <= 1
     assert value("vllm:num_requests_waiting") == 0
+
+
+def test_list_options_as_strings_among_request_parameters(server):
+    """Triton's parameters cannot hold lists: a stop list travels as one string or a JSON list in a string."""
+    whole = generate(server, greedy(PROMPT, max_tokens=30, ignore_eos=True)).json()["text_output"]
+    at = next(i for i in range(1, len(whole) - 1)
+              if whole[i:i + 2].isascii() and whole[i:i + 2].isprintable() and whole.find(whole[i:i + 2]) == i)
+    for stop in (whole[at:at + 2], json.dumps([whole[at:at + 2], "never-appears"])):
+        r = generate(server, greedy(PROMPT, max_tokens=30, ignore_eos=True, stop=stop))
+        assert r.status_code == 200 and r.json()["text_output"] == whole[:at], (stop, r.text)
