@@ -107,6 +107,29 @@ def run_perf_analyzer(server, concurrency, prompts, max_tokens, workdir):
     print(r.stdout[-3000:] + r.stderr[-1500:], flush=True)
 
 
+def shape_dir_of(shape):
+    """config.json and tokenizer of a benchmark shape, made once per machine."""
+    return make_shape_dir(shape, os.path.join(tempfile.gettempdir(), "llm-bench-shapes"))
+
+
+def start_shape_server(shape, workdir, **parameters):
+    """tritonserver (tools/serve.py) serving the llm model with random weights of `shape`; other
+    config.pbtxt parameters as given. Returns the Server, started but not yet ready."""
+    parameters = dict(dict(load_format="dummy", max_num_seqs="256"), **parameters)
+    repo = make_model_repository(os.path.join(workdir, "repo"), shape_dir_of(shape), **parameters)
+    return Server(repo, os.path.join(workdir, "server.log")).start()
+
+
+def wait_ready_or_show_errors(server, timeout=600):
+    """Wait for the model (a large shape loads for minutes); on failure print the log's errors."""
+    try:
+        return server.wait_ready(timeout=timeout)
+    except BaseException:
+        log = server.log()
+        print("\n".join(l for l in log.splitlines() if "rror" in l or "Traceback" in l or "File " in l)[-6000:])
+        raise
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -120,20 +143,12 @@ def main():
                     help="also run perf_analyzer --streaming at this concurrency")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="llm-serving-")
-    shape_dir = make_shape_dir(a.shape, os.path.join(tempfile.gettempdir(), "llm-bench-shapes"))
-    repo = make_model_repository(os.path.join(tmp, "repo"), shape_dir, load_format="dummy", max_num_seqs="256",
-                                 max_num_batched_tokens=a.max_num_batched_tokens,
-                                 max_model_len=str(a.input_len[1] + a.output_len + 16))
-    server = Server(repo, os.path.join(tmp, "server.log")).start()
+    server = start_shape_server(a.shape, tmp, max_num_batched_tokens=a.max_num_batched_tokens,
+                                max_model_len=str(a.input_len[1] + a.output_len + 16))
     rng = random.Random(0)
     lines = []
     try:
-        try:
-            server.wait_ready(timeout=600)
-        except BaseException:
-            log = server.log()
-            print("\n".join(l for l in log.splitlines() if "rror" in l or "Traceback" in l or "File " in l)[-6000:])
-            raise
+        wait_ready_or_show_errors(server)
         for c in a.concurrency:
             n = a.requests_per_level or min(max(2 * c, 8), 256)
             prompts = [ids_to_text(rng.randrange(10000) for _ in range(rng.randint(*a.input_len))) for _ in range(n)]
