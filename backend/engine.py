@@ -39,8 +39,8 @@ class LLMEngine:
         self.processor = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len
         self.vocab_size = config.hf["vocab_size"]   # the logits' width: every token id a request names is below it
-        # A token covers at most this many characters of text: a longer prompt cannot fit, and is
-        # refused before it is tokenized (tokenizing megabytes would take seconds).
+        # Beyond this many characters a prompt is first tokenized in part: if the part alone is too
+        # long, the prompt is refused without tokenizing the rest (megabytes would take seconds).
         self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
         self.num_rejected = 0                 # refused by max_queue_size (metrics)
         self._deadlines: list[tuple[float, str, str]] = []   # heap of (when, request id, why), loop thread only
@@ -71,9 +71,7 @@ class LLMEngine:
         error when it has not finished by then (Triton's request timeout)."""
         self._check_admission()   # before any work on a request that would be refused anyway
         if prompt_token_ids is None:
-            if len(prompt) > self.max_prompt_chars:
-                raise ValueError(f"'text_input' has {len(prompt)} characters, more than max_model_len "
-                                 f"({self.max_model_len}) tokens can hold")
+            self._check_prompt_length(prompt)
             prompt_token_ids = self.tokenizer.encode(prompt)
         else:
             prompt_token_ids = list(prompt_token_ids)
@@ -90,6 +88,18 @@ class LLMEngine:
             self._callbacks[request_id] = on_output
             self._inbox.append(("add", (request, prompt, timeout_s)))
             self._wakeup.notify()
+
+    def _check_prompt_length(self, prompt: str):
+        """Refuse a prompt far too long for max_model_len from its head alone. A prefix has at most
+        one token more than the whole text (the cut may split a word), so a head of more than
+        max_model_len + 1 tokens proves the prompt cannot fit. (Tokenizers that drop whitespace
+        can pack many characters into few tokens: length in characters alone proves nothing.)"""
+        if len(prompt) <= self.max_prompt_chars:
+            return
+        head = self.tokenizer.encode(prompt[:self.max_prompt_chars])
+        if len(head) > self.max_model_len + 1:
+            raise ValueError(f"'text_input' has more than {len(head) - 1} tokens ({len(prompt)} characters); "
+                             f"max_model_len is {self.max_model_len}")
 
     def _check_admission(self):
         if self._stopping:

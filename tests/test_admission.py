@@ -60,11 +60,25 @@ def test_request_timeout_ends_it_with_an_error(tiny_checkpoints):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(tiny_checkpoints):
+def test_a_prompt_too_long_to_fit_is_refused_from_its_head(tiny_checkpoints):
     engine = make_engine(tiny_checkpoints["llama"])
     huge = "To be or not to be " * 500_000   # 9.5 MB
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="'text_input' has 9500000 characters"):
+    with pytest.raises(ValueError, match=r"'text_input' has more than \d+ tokens \(9500000 characters\)"):
         engine.add_request("huge", huge, greedy(4))
-    assert time.perf_counter() - t0 < 0.1, "no tokenizing"
-    assert engine.max_prompt_chars < len(huge)
+    assert time.perf_counter() - t0 < 0.5, "the head only is tokenized"
+    assert engine.max_prompt_chars < len(huge) // 100
+
+
+def test_many_characters_in_few_tokens_are_not_refused(tiny_checkpoints, tmp_path):
+    """A tokenizer that drops whitespace packs many characters into few tokens: such a prompt fits
+    and is served (a cap on characters alone would refuse it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "To": 1, "be": 2, "or": 3, "not": 4}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tmp_path / "tokenizer.json"))
+    engine = make_engine(tiny_checkpoints["llama"], max_model_len=256, tokenizer=str(tmp_path))
+    spaced = "To" + " " * (engine.max_prompt_chars + 10) + "be or not"
+    assert engine.tokenizer.encode(spaced) == [1, 2, 3, 4]
+    engine.add_request("spaced", spaced, greedy(3))
+    assert run(engine)["spaced"].error is None
