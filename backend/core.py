@@ -16,6 +16,7 @@ import torch
 from backend import beam_search
 from backend.block_manager import BlockManager
 from backend.config import EngineConfig
+from backend.errors import INTERNAL
 from backend.model_runner import ModelRunner
 from backend.outputs import CoreOutput, SampleUpdate
 from backend.sampler import SamplingBatch, StepResult
@@ -60,9 +61,9 @@ class EngineCore:
         self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
         self.num_generation_tokens = 0
         self._touched: list[SequenceGroup] = []
-        self._stepping: list[Sequence] = []      # the sequences of the step under way (fault isolation)
+        self._stepping: tuple = ()                # (in-flight result, SchedulerOutput) of the step under way
         self._suspects: list[SequenceGroup] = []  # requests that a failed step implicates, being narrowed down
-        self._sampled: set[SequenceGroup] = set()  # requests that took a token in this step
+        self._sampled: set[SequenceGroup] | None = None   # while there are suspects: requests that took a token
         self.device_ok = True                     # False after an error that leaves the device unusable
 
     # ---- requests -------------------------------------------------------------------------------
@@ -96,6 +97,12 @@ class EngineCore:
             if group.finished:
                 self._retire(group)
 
+    def fail_request(self, request_id: str, error: str, kind: str):
+        """End a request (if still running) with an error of `kind` (backend.errors): a deadline passed."""
+        group = self.requests.get(request_id)
+        if group is not None and not group.finished:
+            self._fail(group, error, kind)
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.has_work() or self.in_flight is not None or self._touched)
 
@@ -126,13 +133,13 @@ class EngineCore:
 
     @torch.inference_mode()
     def _step(self) -> list[CoreOutput]:
-        self._stepping = list(self.in_flight.seqs) if self.in_flight is not None else []
-        self._sampled = set()
+        self._sampled = set() if self._suspects else None
         synchronous = not self.async_scheduling or self.num_forking > 0 or bool(self._suspects)
+        self._stepping = (self.in_flight, None)
         if synchronous:
             self._update(self._take_in_flight())
         out = self.scheduler.schedule()
-        self._stepping += out.seqs
+        self._stepping = (self._stepping[0], out)
         result = None
         if out:
             result = self.runner.run(out, self._sampling_batch(out), self.in_flight)
@@ -189,7 +196,8 @@ class EngineCore:
             self.num_generation_tokens += 1
             self._check_stop(seq)
             self._touched.append(seq.group)
-            self._sampled.add(seq.group)
+        if self._sampled is not None:
+            self._sampled.update(s.group for s in result.seqs)
         if result.beam_seqs:
             self._beam_steps(result)
 
@@ -208,7 +216,8 @@ class EngineCore:
             eos = set() if group.params.ignore_eos else self.eos_token_ids
             self.num_generation_tokens += beam_search.beam_step(group, logprobs_of, self.scheduler, eos,
                                                                 self.max_model_len)
-            self._sampled.add(group)
+            if self._sampled is not None:
+                self._sampled.add(group)
             if group.finished:
                 self._touched.append(group)
 
@@ -233,7 +242,7 @@ class EngineCore:
             for s in group.seqs:
                 samples.append(SampleUpdate(s.index, s.token_ids[s.num_reported_tokens:], s.finish_reason))
                 s.num_reported_tokens = len(s.token_ids)
-        return CoreOutput(group.request_id, samples, finished, group.error)
+        return CoreOutput(group.request_id, samples, finished, group.error, group.error_kind)
 
     def _retire(self, group: SequenceGroup):
         if self.requests.pop(group.request_id, None) is not None:
@@ -254,9 +263,11 @@ class EngineCore:
         only half of the suspects runs (the rest waits) until it has drawn a token or failed again;
         a suspect left alone fails with the error."""
         self.device_ok = self._device_usable()
-        groups = list(dict.fromkeys(s.group for s in self._stepping if not s.group.finished))
+        in_flight, out = self._stepping
+        seqs = [*(in_flight.seqs if in_flight is not None else ()), *(out.seqs if out is not None else ())]
+        groups = list(dict.fromkeys(s.group for s in seqs if not s.group.finished))
         suspects = groups if not self._suspects else [g for g in self._suspects if g in groups] or groups
-        self.in_flight, self._stepping = None, []
+        self.in_flight, self._stepping = None, ()
         self.scheduler.recompute([s for g in self.requests.values() for s in g.seqs])
         self.block_manager.forget_cached_blocks()
         if len(suspects) <= 1:
@@ -292,8 +303,8 @@ class EngineCore:
         if not self.scheduler.admit_only & {g.request_id for g in self._suspects}:
             self._set_suspects(self._suspects)
 
-    def _fail(self, group: SequenceGroup, error: str):
-        group.error = error
+    def _fail(self, group: SequenceGroup, error: str | None, kind: str = INTERNAL):
+        group.error, group.error_kind = error, kind
         for seq in group.live():
             self.scheduler.finish(seq, "abort")
         self._touched.append(group)

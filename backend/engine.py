@@ -44,10 +44,9 @@ class LLMEngine:
         self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
         self.num_rejected = 0                 # refused by max_queue_size (metrics)
         self._deadlines: list[tuple[float, str, str]] = []   # heap of (when, request id, why), loop thread only
-        self._expired: dict[str, str] = {}    # request id -> the error it ends with
         # Requests in flight -> their callback: added under _wakeup by add_request, removed when finished.
         self._callbacks: dict[str, OutputCallback | None] = {}
-        self._inbox: deque = deque()          # ("add", (request, prompt)) / ("abort", request_id), from any thread
+        self._inbox: deque = deque()   # ("add", (request, prompt, timeout_s)) / ("abort", request_id), from any thread
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -161,11 +160,11 @@ class LLMEngine:
 
     def _expire(self):
         """Requests past their deadline, or still waiting to start after queue_timeout_s, end with an error."""
+        if not self._deadlines:
+            return
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id, why = heapq.heappop(self._deadlines)
-            if request_id not in self.core.requests or request_id in self._expired:
-                continue
             if why == "queue":
                 if self.core.has_started(request_id):
                     continue
@@ -173,8 +172,7 @@ class LLMEngine:
                          "without starting (queue_timeout_s); retry later")
             else:
                 error = "the request's timeout expired"
-            self._expired[request_id] = error
-            self.core.abort(request_id)
+            self.core.fail_request(request_id, error, UNAVAILABLE)
 
     def _handle(self, core_outputs: list[CoreOutput], only_finished: bool = False) -> list[RequestOutput]:
         callbacks = self._callbacks
@@ -185,8 +183,6 @@ class LLMEngine:
         for request_id in failed:
             self.core.abort(request_id)
         for o in outputs:
-            if o.finished and self._expired and o.request_id in self._expired:
-                o.error, o.error_kind = self._expired.pop(o.request_id), UNAVAILABLE
             callback = callbacks.pop(o.request_id, None) if o.finished else callbacks.get(o.request_id)
             if callback is not None:
                 try:
@@ -238,7 +234,6 @@ class LLMEngine:
         self._drain_inbox()
         self._handle(self.core.fail_all(error))
         self._deadlines.clear()
-        self._expired.clear()
 
     def shutdown(self):
         """Stop the loop; every request still in flight gets a final "abort" output."""

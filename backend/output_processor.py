@@ -93,7 +93,7 @@ class OutputProcessor:
         if state.finished:
             del self.requests[out.request_id]
         if state.finished or not only_finished or (wanted is not None and wanted(out.request_id)):
-            return self._request_output(out.request_id, state, out.error)
+            return self._request_output(out.request_id, state, out.error, out.error_kind)
         return None
 
     def _apply(self, state: RequestState, sample: SampleState, update: SampleUpdate) -> bool:
@@ -131,9 +131,11 @@ class OutputProcessor:
         sample.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
         return True
 
-    def _request_output(self, request_id: str, state: RequestState, error: str | None) -> RequestOutput:
+    def _request_output(self, request_id: str, state: RequestState, error: str | None,
+                        error_kind: str) -> RequestOutput:
         samples = [self._sample_output(state, i, s) for i, s in sorted(state.samples.items())]
-        return RequestOutput(request_id, state.prompt, len(state.prompt_token_ids), samples, state.finished, error)
+        return RequestOutput(request_id, state.prompt, len(state.prompt_token_ids), samples, state.finished, error,
+                             error_kind)
 
     @staticmethod
     def _sample_output(state: RequestState, index: int, sample: SampleState) -> SampleOutput:

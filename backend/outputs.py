@@ -21,6 +21,7 @@ class CoreOutput:
     samples: list[SampleUpdate]
     finished: bool = False
     error: str | None = None
+    error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
 
 
 @dataclass

@@ -69,7 +69,8 @@ class Sampler:
         if batch.beam_seqs:
             beam_logprobs = torch.log_softmax(logits[batch.beam_rows], dim=-1)
         rows = batch.rows
-        if rows != list(range(logits.shape[0])):
+        # Each non-beam logits row has at least one drawer, in order: one each and no beams is the identity.
+        if len(rows) != logits.shape[0] or batch.beam_seqs:
             logits = logits[rows]
         tokens = self.sample(logits, batch.seqs, batch.masked_ids) if rows else logits.new_empty(0, dtype=torch.long)
         return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs)

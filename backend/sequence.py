@@ -7,6 +7,7 @@ import enum
 import itertools
 import time
 
+from backend.errors import INTERNAL
 from backend.sampling_params import SamplingParams
 
 
@@ -101,6 +102,7 @@ class SequenceGroup:
         self.forked = False
         self.beam_hyps: list[tuple[float, Sequence]] = []   # finished beams (score, seq)
         self.error: str | None = None
+        self.error_kind = INTERNAL     # backend.errors: why `error` ended it
         seq.group = self
 
     @property

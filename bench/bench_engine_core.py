@@ -7,7 +7,6 @@
 usage: python bench/bench_engine_core.py [--model PATH]      prints markdown tables
 """
 import argparse
-import json
 import os
 import random
 import statistics
@@ -63,14 +62,8 @@ def scheduler_step_time(num_seqs: int, steps: int = 300) -> float:
     return statistics.mean(times[20:]) * 1e3
 
 
-def engine_without_forward(model, num_blocks, **params):
-    with open(os.path.join(model, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
-    return tests.helpers.engine_without_forward(model, num_blocks, vocab, **params)
-
-
 def kv_waste(model) -> float:
-    engine = engine_without_forward(model, 4000, max_num_seqs="128")
+    engine = tests.helpers.engine_without_forward(model, 4000, max_num_seqs="128")
     rng = random.Random(1)
     for i in range(300):
         ids = [rng.randrange(2, 4000) for _ in range(rng.randint(20, 700))]
@@ -87,7 +80,7 @@ def kv_waste(model) -> float:
 
 def sharing(model, params: SamplingParams, prompt_len=512):
     """Peak KV blocks of one request with sharing, vs the blocks its sequences would hold unshared."""
-    engine = engine_without_forward(model, 2000)
+    engine = tests.helpers.engine_without_forward(model, 2000)
     engine.add_request("x", "", params, prompt_token_ids=[random.randrange(2, 4000) for _ in range(prompt_len)])
     peak = (0, 0)
     while engine.has_unfinished():

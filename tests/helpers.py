@@ -35,9 +35,11 @@ class RandomLogitsRunner:
         return self.sampler.sample_step(logits, batch)
 
 
-def engine_without_forward(model_path, num_blocks, vocab, seed=0, scheduler=None, **params):
-    """An engine whose core runs a RandomLogitsRunner over a pool of num_blocks (or `scheduler`)."""
-    config = engine_config(model_path, **params)
+def engine_without_forward(model_path, num_blocks, vocab=None, seed=0, scheduler=None, **params):
+    """An engine whose core runs a RandomLogitsRunner (logits as wide as `vocab`, default the model's)
+    over a pool of num_blocks (or `scheduler`)."""
+    config = engine_config(model_path, **params).resolve()
+    vocab = vocab or config.hf["vocab_size"]
     scheduler = scheduler or Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
                                        config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
     return LLMEngine(config, runner=RandomLogitsRunner(vocab, num_blocks, seed), scheduler=scheduler)

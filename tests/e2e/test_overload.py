@@ -14,7 +14,6 @@ from .test_server import generate, grpc_stream
 
 def timed_stream(server, prompt, max_tokens, out, key):
     """A gRPC stream whose response times are kept: out[key] = (deltas, error, final, largest gap s)."""
-    import tritonclient.grpc as grpcclient  # noqa: F401 - grpc_stream imports it too
     times = []
     deltas, error, final = grpc_stream(server, prompt, {"temperature": 0, "max_tokens": max_tokens,
                                                         "ignore_eos": True}, request_id=key, on_response=times.append)
