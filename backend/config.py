@@ -28,6 +28,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"        # fcfs, or priority (lower value first, then arrival)
     max_queue_size: int = 0                # requests waiting to start beyond which new ones are refused; 0: no limit
     queue_timeout_s: float = 0.0           # a request not started after this long fails (overload); 0: no limit
+    target_itl_ms: float = 0.0             # step time to hold (prompt chunks sized by a fitted cost model); 0: off
+    max_prefill_bypass: int = 8            # later, shorter prompts that may go before a prompt; 0: arrival order
     # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
     hf: dict = field(default=None, init=False, repr=False)                     # the model's config.json
     torch_device: torch.device = field(default=None, init=False, repr=False)
@@ -83,6 +85,8 @@ class EngineConfig:
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
         check(self.max_queue_size >= 0, "max_queue_size", "must be >= 0 (0: no limit)")
         check(0 <= self.queue_timeout_s < float("inf"), "queue_timeout_s", "must be >= 0 seconds (0: no limit)")
+        check(0 <= self.target_itl_ms < float("inf"), "target_itl_ms", "must be >= 0 milliseconds (0: off)")
+        check(self.max_prefill_bypass >= 0, "max_prefill_bypass", "must be >= 0 (0: prompts in arrival order)")
 
     def resolve(self) -> "EngineConfig":
         """Settle what "auto" and 0 stand for: the device, the dtype, max_model_len and the model's

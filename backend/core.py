@@ -8,6 +8,7 @@ Async scheduling: step k+1 is launched before step k's tokens reach the host. Ea
 counts its tokens in flight (num_placeholders); the runner reads their values on the GPU; a
 sequence that turns out to have stopped was scheduled one step too many and that token is dropped.
 """
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from backend.sampler import SamplingBatch, StepResult
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler, SchedulerOutput
 from backend.sequence import Sequence, SequenceGroup
+from backend.step_cost import StepTimer
 from backend.worker import TensorParallelWorkers
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ class EngineCoreRequest:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, eos_token_ids: set[int], runner=None, scheduler: Scheduler | None = None):
-        """runner, scheduler: parts to use instead of building them (tests hand in stand-ins)."""
+    def __init__(self, config: EngineConfig, eos_token_ids: set[int], runner=None, scheduler: Scheduler | None = None,
+                 step_timer: StepTimer | None = None):
+        """runner, scheduler, step_timer: parts to use instead of building them (tests hand in stand-ins)."""
         self.config = config.resolve()
         self.workers = None
         if runner is None:
@@ -48,7 +51,11 @@ class EngineCore:
         self.runner = runner
         self.scheduler = scheduler or Scheduler(
             BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching),
-            config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+            config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
+            config.max_prefill_bypass, config.target_itl_ms / 1e3)
+        self.step_timer = step_timer or StepTimer(config.torch_device)
+        # (tokens, seconds) of finished steps, for the metrics (bounded: nobody may be reading)
+        self.step_samples: collections.deque = collections.deque(maxlen=4096)
         self.block_manager = self.scheduler.block_manager
         self.eos_token_ids = eos_token_ids
         self.max_model_len = config.max_model_len
@@ -142,7 +149,9 @@ class EngineCore:
         self._stepping = (self._stepping[0], out)
         result = None
         if out:
+            timing = self.step_timer.start()
             result = self.runner.run(out, self._sampling_batch(out), self.in_flight)
+            result.step = (out.total_tokens, out.attention, self.step_timer.stop(timing))
             self.scheduler.advance(out)
             self._count_in_flight(result)
         if synchronous:
@@ -188,7 +197,9 @@ class EngineCore:
         """The step's tokens are known: append them, apply the stop rules, run the beams."""
         if result is None:
             return
-        for seq, token in zip(result.seqs, result.host_token_ids()):
+        tokens = result.host_token_ids()
+        self._observe_step(*result.step)
+        for seq, token in zip(result.seqs, tokens):
             if seq.is_finished:     # stopped (or aborted) while this token was being made
                 continue
             seq.num_placeholders -= 1
@@ -200,6 +211,12 @@ class EngineCore:
             self._sampled.update(s.group for s in result.seqs)
         if result.beam_seqs:
             self._beam_steps(result)
+
+    def _observe_step(self, tokens: int, attention: int, timing):
+        """The step is done: its time feeds the scheduler's cost model and the metrics."""
+        seconds = self.step_timer.seconds(timing)
+        self.scheduler.cost_model.observe(tokens, attention, seconds)
+        self.step_samples.append((tokens, seconds))
 
     def _check_stop(self, seq: Sequence):
         token, p = seq.token_ids[-1], seq.params

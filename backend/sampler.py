@@ -38,6 +38,7 @@ class StepResult:
         self.beam_seqs = list(beam_seqs)
         self.beam_logprobs = beam_logprobs      # [len(beam_seqs), vocab] fp32, or None
         self._row_of: dict[int, int] | None = None
+        self.step = None    # (tokens, attention, timing) of the step that made it (EngineCore)
         cuda = token_ids.is_cuda
         self._host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
         self._host.copy_(token_ids, non_blocking=cuda)

@@ -38,6 +38,7 @@ class Sequence:
         self.arrival = next(_arrival_counter)   # FCFS order; preemption picks the latest
         self.arrival_time = time.monotonic()
         self.priority = params.priority
+        self.prefill_bypassed = 0                # times later prompts went first (scheduler's aging)
         self.group: "SequenceGroup | None" = None
         self.index = 0                           # sample index within its request
         self.cum_logprob = 0.0                   # beam search score
@@ -84,6 +85,7 @@ class Sequence:
         child.group = self.group
         child.index = index
         child.cum_logprob = self.cum_logprob
+        child.prefill_bypassed = 0     # a fork starts as a decode: no prompt left to wait for
         return child
 
     def __repr__(self):
