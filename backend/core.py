@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from backend import beam_search
-from backend.block_manager import BlockManager
 from backend.config import EngineConfig
 from backend.errors import INTERNAL
 from backend.model_runner import ModelRunner
@@ -49,10 +48,7 @@ class EngineCore:
                 self.workers = TensorParallelWorkers(config)
             runner = ModelRunner(config)
         self.runner = runner
-        self.scheduler = scheduler or Scheduler(
-            BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching),
-            config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
-            config.max_prefill_bypass, config.target_itl_ms / 1e3)
+        self.scheduler = scheduler or Scheduler.for_config(config, runner.num_blocks)
         self.step_timer = step_timer or StepTimer(config.torch_device)
         # (tokens, seconds) of finished steps, for the metrics (bounded: nobody may be reading)
         self.step_samples: collections.deque = collections.deque(maxlen=4096)

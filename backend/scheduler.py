@@ -63,6 +63,13 @@ class Scheduler:
         self.num_preemptions = 0
         self.admit_only: set[str] | None = None   # if set, only these request ids are admitted (fault isolation)
 
+    @classmethod
+    def for_config(cls, config, num_blocks: int) -> "Scheduler":
+        """The scheduler an EngineConfig describes, over a pool of num_blocks."""
+        return cls(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching), config.max_num_seqs,
+                   config.max_num_batched_tokens, config.scheduling_policy, config.max_prefill_bypass,
+                   config.target_itl_ms / 1e3)
+
     def _key(self, seq: Sequence):
         return seq.sort_key() if self.policy == "priority" else (0, seq.arrival)
 

@@ -28,7 +28,7 @@ def chunk_attention(num_cached: int, n: int) -> int:
 
 class StepCostModel:
     WINDOW = 512          # steps kept for the fit: the latest behaviour, not the start-up's
-    REFIT_EVERY = 16
+    REFIT_EVERY = 4
     MIN_SAMPLES = 8
     RIDGE = 1e-6
 

@@ -4,7 +4,6 @@ import functools
 import torch
 from transformers import AutoModelForCausalLM
 
-from backend.block_manager import BlockManager
 from backend.config import EngineConfig
 from backend.engine import LLMEngine
 from backend.sampler import Sampler
@@ -40,8 +39,7 @@ def engine_without_forward(model_path, num_blocks, vocab=None, seed=0, scheduler
     over a pool of num_blocks (or `scheduler`)."""
     config = engine_config(model_path, **params).resolve()
     vocab = vocab or config.hf["vocab_size"]
-    scheduler = scheduler or Scheduler(BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
-                                       config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+    scheduler = scheduler or Scheduler.for_config(config, num_blocks)
     return LLMEngine(config, runner=RandomLogitsRunner(vocab, num_blocks, seed), scheduler=scheduler)
 
 
