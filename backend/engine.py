@@ -57,6 +57,13 @@ class LLMEngine:
     def healthy(self) -> bool:
         return self.core.healthy
 
+    def take_step_samples(self) -> list[tuple[int, float]]:
+        """(tokens, seconds) of the engine steps finished since the last call; any thread."""
+        samples, queue = [], self.core.step_samples
+        while queue:
+            samples.append(queue.popleft())
+        return samples
+
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to call from any thread."""
         return {**self.core.stats(), "request_rejected_total": self.num_rejected}

@@ -383,6 +383,12 @@ class MetricsBook:
         "request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
         "request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
     }
+    # Per engine step (ours, for where a tail comes from): its device time and its tokens (vLLM's name).
+    STEP_HISTOGRAMS = {
+        "iteration_tokens_total": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
+        "step_duration_seconds": [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                                  0.1, 0.25, 0.5, 1.0, 2.5],
+    }
     REFRESH_S = 0.5
 
     def __init__(self):
@@ -400,6 +406,14 @@ class MetricsBook:
             observed += [("e2e_request_latency_seconds", now - state.t_start),
                          ("request_prompt_tokens", output.num_prompt_tokens),
                          ("request_generation_tokens", sum(len(s.token_ids) for s in output.samples))]
+        return observed
+
+    @staticmethod
+    def step_observations(samples) -> list[tuple[str, float]]:
+        """(histogram, value) pairs for finished engine steps, given as (tokens, seconds)."""
+        observed = []
+        for tokens, seconds in samples:
+            observed += [("iteration_tokens_total", tokens), ("step_duration_seconds", seconds)]
         return observed
 
     def refresh_due(self, now: float) -> bool:

@@ -381,6 +381,14 @@ def test_metrics_counter_deltas_and_refresh():
     assert set(book.GAUGES) <= set(stats)
 
 
+def test_metrics_step_observations():
+    book = serving.MetricsBook()
+    assert book.step_observations([(300, 0.012), (1, 0.002)]) == [
+        ("iteration_tokens_total", 300), ("step_duration_seconds", 0.012),
+        ("iteration_tokens_total", 1), ("step_duration_seconds", 0.002)]
+    assert set(book.STEP_HISTOGRAMS).isdisjoint(book.HISTOGRAMS)
+
+
 def test_timeout_parameter_in_microseconds():
     assert serving.timeout_parameter_s("") is None
     assert serving.timeout_parameter_s('{"max_tokens": 3}') is None

@@ -231,3 +231,24 @@ def test_an_aged_prompt_without_a_seat_makes_room():
     sched.advance(out)
     out = sched.schedule()
     assert out.seqs == [long] and out.preempted == [short]
+
+
+def test_step_samples_count_every_step_and_its_tokens(tiny_checkpoints):
+    """What the step metrics observe: one (tokens, seconds) per step that ran, tokens as scheduled."""
+    engine = make_engine(tiny_checkpoints["llama"], max_num_batched_tokens=16, max_num_seqs=4)
+    scheduled = []
+    schedule = engine.core.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        if out:
+            scheduled.append(out.total_tokens)
+        return out
+    engine.core.scheduler.schedule = recording_schedule
+    for i, prompt in enumerate(prompt_set(3)):
+        engine.add_request(f"r{i}", None, greedy(5), prompt_token_ids=prompt)
+    while engine.has_unfinished():
+        engine.step()
+    samples = engine.take_step_samples()
+    assert [tokens for tokens, _ in samples] == scheduled and all(seconds > 0 for _, seconds in samples)
+    assert engine.take_step_samples() == []

@@ -462,6 +462,9 @@ def test_vllm_metrics(server):
     assert value("vllm:request_generation_tokens_sum") >= 14
     assert 0 <= value("vllm:kv_cache_usage_perc") <= 1
     assert value("vllm:num_requests_waiting") == 0
+    steps = value("vllm:iteration_tokens_total_count")   # per engine step: its tokens and its time
+    assert steps >= 6 and value("vllm:iteration_tokens_total_sum") >= 2 * 5 + 1
+    assert value("vllm:step_duration_seconds_count") == steps and value("vllm:step_duration_seconds_sum") > 0
 
 
 def test_list_options_as_strings_among_request_parameters(server):

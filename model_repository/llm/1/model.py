@@ -43,12 +43,12 @@ class _Metrics:
         self.book = book = serving.MetricsBook()
         kinds = {**dict.fromkeys(book.COUNTERS, pb_utils.MetricFamily.COUNTER),
                  **dict.fromkeys(book.GAUGES, pb_utils.MetricFamily.GAUGE),
-                 **dict.fromkeys(book.HISTOGRAMS, pb_utils.MetricFamily.HISTOGRAM)}
+                 **dict.fromkeys({**book.HISTOGRAMS, **book.STEP_HISTOGRAMS}, pb_utils.MetricFamily.HISTOGRAM)}
         self.metrics, self.families = {}, []   # a Metric works only while its MetricFamily lives
         for name, kind in kinds.items():
             family = pb_utils.MetricFamily(name=f"vllm:{name}", description=name.replace("_", " "), kind=kind)
             self.families.append(family)
-            buckets = book.HISTOGRAMS.get(name)
+            buckets = book.HISTOGRAMS.get(name) or book.STEP_HISTOGRAMS.get(name)
             self.metrics[name] = family.Metric(labels=labels, **({"buckets": buckets} if buckets else {}))
 
     def record(self, merged, now, engine):
@@ -61,6 +61,8 @@ class _Metrics:
                 self.metrics[name].increment(delta)
             for name in self.book.GAUGES:
                 self.metrics[name].set(stats[name])
+            for name, value in self.book.step_observations(engine.take_step_samples()):
+                self.metrics[name].observe(value)
 
     def close(self):
         self.metrics.clear()    # Metric objects first, then their families (Triton requires this order)
