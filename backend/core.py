@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from backend import beam_search
+from backend.calibration import calibrate
 from backend.config import EngineConfig
 from backend.errors import INTERNAL
 from backend.model_runner import ModelRunner
@@ -50,6 +51,8 @@ class EngineCore:
         self.runner = runner
         self.scheduler = scheduler or Scheduler.for_config(config, runner.num_blocks)
         self.step_timer = step_timer or StepTimer(config.torch_device)
+        if config.target_itl_ms and config.torch_device.type == "cuda" and self.workers is None:
+            calibrate(runner, self.scheduler.cost_model, self.step_timer, config)   # the target holds from the start
         # (tokens, seconds) of finished steps, for the metrics (bounded: nobody may be reading)
         self.step_samples: collections.deque = collections.deque(maxlen=4096)
         self.block_manager = self.scheduler.block_manager

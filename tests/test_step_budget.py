@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from backend.block_manager import BlockManager
+from backend.calibration import calibrate
 from backend.core import EngineCore, EngineCoreRequest
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
@@ -252,3 +253,20 @@ def test_step_samples_count_every_step_and_its_tokens(tiny_checkpoints):
     samples = engine.take_step_samples()
     assert [tokens for tokens, _ in samples] == scheduled and all(seconds > 0 for _, seconds in samples)
     assert engine.take_step_samples() == []
+
+
+def test_calibration_fits_the_cost_model_before_any_request(tiny_checkpoints):
+    """Synthetic steps through the runner seed the model: it predicts the runner's known cost, and
+    each synthetic step's attention pairs are those recounted from its sequences."""
+    config = engine_config(tiny_checkpoints["llama"], max_num_batched_tokens=2048, max_num_seqs=64,
+                           max_model_len=4096).resolve()
+    runner = ClockedRunner(300, 1000)
+    runner.scheduler = Scheduler.for_config(config, 1000)
+    model = StepCostModel()
+    calibrate(runner, model, StepTimer(torch.device("cpu"), clock=lambda: runner.now), config)
+    assert model.fitted
+    for out, cost, _, _ in runner.steps:
+        assert model.predict(out.total_tokens, out.attention) == pytest.approx(cost, rel=1e-3)
+        assert out.total_tokens <= config.max_num_batched_tokens
+    shapes = {(len(out.seqs) - bool(out.num_prefill_tokens), out.num_prefill_tokens) for out, *_ in runner.steps}
+    assert {d for d, _ in shapes} == {1, 32, 64} and max(p for _, p in shapes) == 2048 - 1
