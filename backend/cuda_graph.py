@@ -113,10 +113,14 @@ class CUDAGraphs:
                                  max_query_len=T if split else 1, split_decodes=split)
         return tok[:T], tok[T:2 * T], meta
 
+    def keys(self) -> list[tuple]:
+        """Every graph, largest first (capture order: the smaller graphs reuse the pool's memory)."""
+        keys = [(t, self.max_seqs, True) for t in self.token_buckets] + [(b, b, False) for b in self.decode_sizes]
+        return sorted(keys, key=lambda k: -k[0])
+
     @torch.inference_mode()
     def capture(self):
-        keys = [(t, self.max_seqs, True) for t in self.token_buckets] + [(b, b, False) for b in self.decode_sizes]
-        keys.sort(key=lambda k: -k[0])      # largest first: the smaller graphs reuse its pool memory
+        keys = self.keys()
         self.hidden = torch.empty(keys[0][0], self.model.args.hidden_size, dtype=self.model.lm_head.weight.dtype,
                                   device=self.device)
         pool = None

@@ -26,8 +26,7 @@ def test_token_buckets():
 
 def graphs(max_num_seqs=8, max_tokens=300, max_blocks=16):
     g = CUDAGraphs(None, None, max_num_seqs, max_tokens, BLOCK, max_blocks, torch.device("cpu"))
-    g.graphs = dict.fromkeys([(t, max_num_seqs, True) for t in g.token_buckets] +
-                             [(b, b, False) for b in g.decode_sizes])   # as if captured
+    g.graphs = dict.fromkeys(g.keys())   # as if captured
     return g
 
 
