@@ -1,6 +1,6 @@
 """The CUDA graphs' data path on CPU: a step staged into a CUDAGraphs runner's static inputs and run
 there (the model called on those inputs where a graph would be replayed) gives the eager path's
-logits. Under the Triton interpreter (tests/kernels), so the split_decodes attention launches run
+logits. On CPU under the Triton interpreter (tests/kernels), so the split_decodes attention launches run
 inside the model, beside padding tokens and sequences; async scheduling's in-flight token included."""
 import torch
 
@@ -11,6 +11,7 @@ from backend.sampling_params import SamplingParams
 from backend.scheduler import SchedulerOutput
 from backend.sequence import Sequence
 from tests.helpers import engine_config
+from tests.kernels.kernel_testing import DEVICE
 
 
 class Replay:
@@ -26,9 +27,10 @@ class Replay:
 
 
 def runner_with_cpu_graphs(path):
-    runner = ModelRunner(engine_config(path, num_gpu_blocks_override=64, max_num_seqs=8, max_num_batched_tokens=100))
+    runner = ModelRunner(engine_config(path, num_gpu_blocks_override=64, max_num_seqs=8, max_num_batched_tokens=100,
+                                       device=DEVICE.type, dtype="float32", enforce_eager="true"))
     g = CUDAGraphs(runner.model, runner.kv_caches, 8, 100, runner.block_size, 32, runner.device)
-    g.hidden = torch.empty(100, runner.model.args.hidden_size)
+    g.hidden = torch.empty(100, runner.model.args.hidden_size, device=DEVICE)
     g.graphs = {key: Replay(g, key) for key in g.keys()}
     return runner, g
 
@@ -58,7 +60,7 @@ def test_graph_inputs_give_eager_logits(tiny_checkpoints):
         s.token_ids.append(5 + n)
     seqs[2].token_ids.pop()             # its token is still in flight (async scheduling)
     seqs[2].num_placeholders = 1
-    in_flight = StepResult([seqs[0], seqs[2]], torch.tensor([7, 123]))
+    in_flight = StepResult([seqs[0], seqs[2]], torch.tensor([7, 123], device=DEVICE))
     seqs[3].num_computed_tokens = 33    # a last chunk of 8 with context
     mixed = SchedulerOutput(seqs=seqs, num_new_tokens=[1, 1, 1, 8, 17])   # and a first chunk of 17
     assert graphs.select(mixed.total_tokens, 5) == (64, 8, True)
@@ -71,5 +73,5 @@ def test_graph_inputs_give_eager_logits(tiny_checkpoints):
         s.token_ids.append(11)
     decode = SchedulerOutput(seqs=seqs[:4], num_new_tokens=[1] * 4)
     assert graphs.select(4, 4) == (4, 4, False)
-    graphed, eager = both_paths(runner, graphs, decode, StepResult([seqs[1]], torch.tensor([42])))
+    graphed, eager = both_paths(runner, graphs, decode, StepResult([seqs[1]], torch.tensor([42], device=DEVICE)))
     torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
