@@ -12,7 +12,8 @@ their output rows are ignored. The logits gather and the LM head run outside the
 
 All graphs share one memory pool (captured largest first) and one set of static inputs, which each
 graph reads as [input_ids | positions | slots | logits rows] (int64, T + T + T + S) and [seq_lens |
-query_start_loc] (int32, S + S + 1), so that one asynchronous copy from pinned staging fills each.
+query_start_loc] (int32, S + S + 1) (see regions), so that one asynchronous copy from pinned staging
+fills each.
 """
 import numpy as np
 import torch
@@ -37,14 +38,23 @@ def mixed_token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
     return sizes + [max_tokens]
 
 
+def regions(T: int, S: int):
+    """Where the graph of T tokens and S sequences finds its inputs: slices of the int64 buffer (input_ids,
+    positions, slots, logits rows) and of the int32 one (seq_lens, query_start_loc). Each starts 16-byte
+    aligned: Triton specializes kernels on pointer alignment, so an unaligned view would compile more."""
+    t, s = -(-T // 2) * 2, -(-S // 4) * 4
+    int64 = (slice(0, T), slice(t, t + T), slice(2 * t, 2 * t + T), slice(3 * t, 3 * t + S))
+    return int64, (slice(0, S), slice(s, s + S + 1))
+
+
 def stage_inputs(seqs, num_new_tokens, block_size, T, S, tok: np.ndarray, seq: np.ndarray, tables: np.ndarray):
     """Write a step's inputs, padded to T tokens and S sequences, into host arrays laid out as a graph
-    reads them (tok int64 [>= 3T + S], seq int32 [>= 2S + 1], tables int32 [>= len(seqs), max blocks]).
+    reads them (tok int64, seq int32: see regions; tables int32 [>= len(seqs), max blocks]).
     Returns (ends, num_sampled, width): where each sequence's last token sits if this step reaches its
     end (else -1), how many logits rows there are, and the widest block table."""
     s = len(seqs)
-    ids, pos, slots, rows = tok[:T], tok[T:2 * T], tok[2 * T:3 * T], tok[3 * T:3 * T + S]
-    lens, starts = seq[:S], seq[S:2 * S + 1]
+    (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
+    ids, pos, slots, rows, lens, starts = tok[r_ids], tok[r_pos], tok[r_slots], tok[r_rows], seq[r_lens], seq[r_starts]
     computed, total = np.empty(s, np.int64), np.empty(s, np.int64)
     known, width = [], 0
     for i, (sq, n) in enumerate(zip(seqs, num_new_tokens)):
@@ -84,8 +94,8 @@ class CUDAGraphs:
         self.token_buckets = mixed_token_buckets(max_num_batched_tokens)
         max_t = max(self.decode_sizes[-1], self.token_buckets[-1])
         i64, i32 = dict(dtype=torch.long, device=device), dict(dtype=torch.int32, device=device)
-        self.tok = torch.zeros(3 * max_t + max_num_seqs, **i64)
-        self.seq = torch.zeros(2 * max_num_seqs + 1, **i32)
+        self.tok = torch.zeros(regions(max_t, max_num_seqs)[0][-1].stop, **i64)
+        self.seq = torch.zeros(regions(max_t, max_num_seqs)[1][-1].stop, **i32)
         self.tables = torch.zeros(max_num_seqs, max_blocks_per_seq, **i32)
         # Pinned host staging, two sets used in turn: a step's non-blocking copies may still be queued
         # behind the previous step's work when the host stages the next one (async scheduling).
@@ -108,10 +118,10 @@ class CUDAGraphs:
 
     def _inputs(self, key):
         T, S, split = key
-        tok, seq = self.tok, self.seq
-        meta = AttentionMetadata(tok[2 * T:3 * T], self.tables[:S], seq[:S], seq[S:2 * S + 1],
+        (ids, pos, slots, _), (lens, starts) = regions(T, S)
+        meta = AttentionMetadata(self.tok[slots], self.tables[:S], self.seq[lens], self.seq[starts],
                                  max_query_len=T if split else 1, split_decodes=split)
-        return tok[:T], tok[T:2 * T], meta
+        return self.tok[ids], self.tok[pos], meta
 
     def keys(self) -> list[tuple]:
         """Every graph, largest first (capture order: the smaller graphs reuse the pool's memory)."""
@@ -146,8 +156,9 @@ class CUDAGraphs:
         self.turn ^= 1
         ends, num_sampled, width = stage_inputs(seqs, num_new_tokens, self.block_size, T, S, tok.numpy(),
                                                 seq.numpy(), tables.numpy())
-        self.tok[:3 * T + S].copy_(tok[:3 * T + S], non_blocking=True)
-        self.seq[:2 * S + 1].copy_(seq[:2 * S + 1], non_blocking=True)
+        tok_end, seq_end = (r[-1].stop for r in regions(T, S))
+        self.tok[:tok_end].copy_(tok[:tok_end], non_blocking=True)
+        self.seq[:seq_end].copy_(seq[:seq_end], non_blocking=True)
         self.tables[:len(seqs), :width].copy_(tables[:len(seqs), :width], non_blocking=True)
         return self.tok[:T], ends, num_sampled
 
@@ -156,5 +167,5 @@ class CUDAGraphs:
         self.graphs[key].replay()
         if num_sampled == num_tokens:   # one token per sequence, each drawing: the rows are 0..n-1
             return self.hidden[:num_tokens]
-        T, S, _ = key
-        return self.hidden[self.tok[3 * T:3 * T + num_sampled]]
+        rows = regions(*key[:2])[0][3]
+        return self.hidden[self.tok[rows.start:rows.start + num_sampled]]

@@ -41,6 +41,7 @@ def step_of(runner, num_decodes, context, chunk):
     return SchedulerOutput(seqs=seqs, num_new_tokens=nums)
 
 
+@torch.inference_mode()
 def time_steps(runner, out, iters):
     for _ in range(3):
         runner._forward(out, None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.cuda_graph import CUDAGraphs, decode_batch_sizes, mixed_token_buckets
+from backend.cuda_graph import CUDAGraphs, decode_batch_sizes, mixed_token_buckets, regions
 from backend.model_runner import ModelRunner
 from backend.sampling_params import SamplingParams
 from backend.scheduler import SchedulerOutput
@@ -70,17 +70,20 @@ def test_staged_inputs_equal_prepare_with_padding(key):
     ids, positions, meta, logits_indices = ModelRunner.prepare(
         types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu")), out)
     n, s = out.total_tokens, len(out.seqs)
-    tok, sq = g.tok, g.seq
-    assert torch.equal(input_ids, tok[:T])
-    assert tok[:n].tolist() == ids.tolist() and not tok[n:T].any()
-    assert tok[T:T + n].tolist() == positions.tolist() and not tok[T + n:2 * T].any()
-    assert tok[2 * T:2 * T + n].tolist() == meta.slot_mapping.tolist() and (tok[2 * T + n:3 * T] == -1).all()
-    assert sq[:s].tolist() == meta.seq_lens.tolist() and not sq[s:S].any()
-    assert sq[S:S + s + 1].tolist() == meta.query_start_loc.tolist() and (sq[S + s + 1:2 * S + 1] == n).all()
+    (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
+    assert all(r.start % 2 == 0 for r in (r_ids, r_pos, r_slots, r_rows)) and r_starts.start % 4 == 0  # 16 bytes
+    ids_, pos_, slots_, rows_ = (g.tok[r] for r in (r_ids, r_pos, r_slots, r_rows))
+    lens_, starts_ = g.seq[r_lens], g.seq[r_starts]
+    assert torch.equal(input_ids, ids_)
+    assert ids_[:n].tolist() == ids.tolist() and not ids_[n:].any()
+    assert pos_[:n].tolist() == positions.tolist() and not pos_[n:].any()
+    assert slots_[:n].tolist() == meta.slot_mapping.tolist() and (slots_[n:] == -1).all()
+    assert lens_[:s].tolist() == meta.seq_lens.tolist() and not lens_[s:].any()
+    assert starts_[:s + 1].tolist() == meta.query_start_loc.tolist() and (starts_[s + 1:] == n).all()
     width = meta.block_tables.shape[1]
     for i, x in enumerate(out.seqs):
         assert g.tables[i, :len(x.block_table)].tolist() == x.block_table
-    assert num_sampled == len(logits_indices) and tok[3 * T:3 * T + num_sampled].tolist() == logits_indices.tolist()
+    assert num_sampled == len(logits_indices) and rows_[:num_sampled].tolist() == logits_indices.tolist()
     assert list(ends) == [0, -1, 21, 28, 29, 30] and width == max(len(x.block_table) for x in out.seqs)
 
 
@@ -90,5 +93,6 @@ def test_decode_step_reads_rows_in_order():
     key = g.select(5, 5)
     _, ends, num_sampled = g.load(key, seqs, [1] * 5)
     assert key == (8, 8, False) and num_sampled == 5 and list(ends) == [0, 1, 2, 3, 4]
-    assert g.seq[8:8 + 9].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5] and g.seq[:8].tolist() == [10] * 5 + [0] * 3
-    assert np.array_equal(g.tok[16:24].numpy(), [s.block_table[0] * BLOCK + 9 for s in seqs] + [-1] * 3)
+    (_, _, r_slots, _), (r_lens, r_starts) = regions(8, 8)
+    assert g.seq[r_starts].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5] and g.seq[r_lens].tolist() == [10] * 5 + [0] * 3
+    assert np.array_equal(g.tok[r_slots].numpy(), [s.block_table[0] * BLOCK + 9 for s in seqs] + [-1] * 3)

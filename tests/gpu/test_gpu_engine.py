@@ -133,6 +133,7 @@ def test_mixed_graphs_equal_eager_under_staggered_arrivals_fp32(tiny_checkpoints
     assert counts["mixed"] >= 10 and counts["decode"] >= 10, counts
 
 
+@torch.inference_mode()
 def test_mixed_step_logits_graph_equal_eager_bf16():
     """One mixed step (decodes at several contexts, a first chunk, a last chunk with context) through the
     graph and eagerly: the logits agree within bf16 rounding."""
