@@ -12,4 +12,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # [S, max_blocks] int32
     seq_lens: torch.Tensor          # [S] int32: context length after this step
     query_start_loc: torch.Tensor   # [S+1] int32: cuts of the packed new tokens
-    max_query_len: int = 0
+    max_query_len: int = 0          # the longest query (with split_decodes: an upper bound)
+    # A padded CUDA-graph batch whose mix of decodes and prompt chunks is unknown at capture: attention
+    # runs the one-token queries and the longer ones as two launches, each with its own tile size.
+    split_decodes: bool = False

@@ -4,11 +4,12 @@ import torch
 from backend import parallel
 from backend.attention import AttentionMetadata
 from backend.config import EngineConfig
-from backend.cuda_graph import DecodeGraphs
+from backend.cuda_graph import CUDAGraphs
 from backend.loader import load_model
 from backend.sampler import Sampler, SamplingBatch, StepResult
 from backend.scheduler import SchedulerOutput
 from backend.sequence import Sequence
+from kernels.paged_attention import launch_configs
 
 
 class ModelRunner:
@@ -33,27 +34,29 @@ class ModelRunner:
             self._warmup_kernels()
         if device.type == "cuda" and not config.enforce_eager and parallel.tp_size() == 1:
             max_blocks = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, min(config.max_num_seqs, 512), max_blocks, device)
-            self.graphs.capture()
+            self.graphs = CUDAGraphs(self.model, self.kv_caches, config.max_num_seqs, config.max_num_batched_tokens,
+                                     self.block_size, max_blocks, device)
+            self.graphs.capture()   # also compiles the split_decodes attention launches
 
     @torch.inference_mode()
     def _warmup_kernels(self):
-        """Compile the attention kernel's tile variants for prefill chunks now (one per band of
-        query rows), rather than during the first requests."""
-        a, dev = self.model.args, self.device
-        group = a.num_heads // a.num_kv_heads
-        for q_len in sorted({2, max(2, 16 // group), max(2, 256 // group), 320}):
-            q_len = min(q_len, self.max_model_len - 1, self.num_blocks * self.block_size)
-            blocks = -(-q_len // self.block_size)
-            tables = torch.zeros(2, blocks, dtype=torch.int32, device=dev)
-            tables[0] = torch.arange(blocks, dtype=torch.int32, device=dev)
+        """Compile now, not while serving, every attention tile config a step can pick (prefill bands;
+        decodes with each split-KV segment count): one small batch each. The other kernels have one
+        variant per model, which any forward compiles."""
+        a, dev, bs = self.model.args, self.device, self.block_size
+        max_q = min(self.config.max_num_batched_tokens, self.max_model_len, self.num_blocks * bs)
+        configs = launch_configs(a.num_heads // a.num_kv_heads, a.head_dim, a.num_kv_heads, self.config.max_num_seqs,
+                                 max_q, dev)
+        for q_len, num_seqs in configs.values():   # num_seqs sequences of q_len tokens, reading block 0 on
+            n = q_len * num_seqs
+            i32 = dict(dtype=torch.int32, device=dev)
             meta = AttentionMetadata(  # slots -1: nothing is written to the pool
-                slot_mapping=torch.full((q_len + 1,), -1, dtype=torch.long, device=dev), block_tables=tables,
-                seq_lens=torch.tensor([q_len, 1], dtype=torch.int32, device=dev),
-                query_start_loc=torch.tensor([0, q_len, q_len + 1], dtype=torch.int32, device=dev),
-                max_query_len=q_len)
-            positions = torch.cat([torch.arange(q_len, device=dev), torch.zeros(1, dtype=torch.long, device=dev)])
-            self.model(torch.zeros(q_len + 1, dtype=torch.long, device=dev), positions, self.kv_caches, meta)
+                slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
+                block_tables=torch.arange(-(-q_len // bs), **i32).expand(num_seqs, -1).contiguous(),
+                seq_lens=torch.full((num_seqs,), q_len, **i32),
+                query_start_loc=torch.arange(0, n + 1, q_len, **i32), max_query_len=q_len)
+            positions = torch.arange(n, device=dev) % q_len
+            self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, self.kv_caches, meta)
         torch.cuda.synchronize(dev)
 
     def kv_block_bytes(self) -> int:
@@ -166,14 +169,14 @@ class ModelRunner:
             at_t = torch.tensor(at, device=self.device)
             input_ids[at_t] = in_flight.token_ids[torch.tensor(rows, device=self.device)]
 
-    def _run_decode_graph(self, seqs: list[Sequence], in_flight: StepResult | None) -> torch.Tensor:
-        bs = self.block_size
-        positions = [s.num_computed_tokens for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        known = [s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, positions)]
-        fill = None if in_flight is None else (lambda ids: self._fill_in_flight(ids, seqs, range(len(seqs)), in_flight))
-        return self.graphs.run(known, positions, slots, [p + 1 for p in positions], [s.block_table for s in seqs],
-                               fill)
+    def _run_graph(self, key, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
+        input_ids, ends, num_sampled = self.graphs.load(key, out.seqs, out.num_new_tokens)
+        if in_flight is not None:
+            self._fill_in_flight(input_ids, out.seqs, ends, in_flight)
+        hidden = self.graphs.replay(key, out.total_tokens, num_sampled)
+        if not num_sampled:
+            return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
@@ -190,9 +193,9 @@ class ModelRunner:
     def _forward(self, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
         """Logits [len(out.sampling_seqs()), vocab] fp32."""
         self.copy_blocks(out.block_copies)
-        if self.graphs is not None and self.graphs.can_run(len(out.seqs)) and all(
-                n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(out.seqs, out.num_new_tokens)):
-            return self.model.compute_logits(self._run_decode_graph(out.seqs, in_flight))
+        key = self.graphs.select(out.total_tokens, len(out.seqs)) if self.graphs is not None else None
+        if key is not None:
+            return self._run_graph(key, out, in_flight)
         input_ids, positions, meta, logits_indices = self.prepare(out)
         if parallel.tp_size() > 1:
             return self._run_tensor_parallel(out, input_ids, positions, meta, logits_indices)

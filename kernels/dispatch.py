@@ -71,3 +71,19 @@ def cdiv(a: int, b: int) -> int:
 def num_warps_for(block: int) -> int:
     """Warps for a one-row-per-program elementwise/reduction kernel of `block` elements."""
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def compiled_variants() -> dict[str, int]:
+    """Kernel name -> how many variants Triton has compiled (or loaded from its disk cache) in this
+    process, for every launched kernel of this package: the no-compile-after-ready check compares
+    these before and after serving. Triton 3.x keeps them in JITFunction.device_caches[device][0]
+    (older versions in .cache[device])."""
+    import sys
+    counts = {}
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("kernels.")]:
+        for name, fn in vars(module).items():
+            if hasattr(fn, "device_caches"):
+                counts[name] = sum(len(c[0]) for c in fn.device_caches.values())
+            elif isinstance(getattr(fn, "cache", None), dict) and hasattr(fn, "fn"):
+                counts[name] = sum(len(c) for c in fn.cache.values())
+    return counts

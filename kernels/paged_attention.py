@@ -13,7 +13,12 @@ The Triton path serves a packed batch that mixes prefill chunks and decodes in o
     online softmax in fp32 (base 2);
   * split-KV (flash decoding) for decode batches with few sequences: NUM_SEGMENTS programs per
     (tile, kv head) each write an unnormalised fp32 partial output with its running max and exp-sum,
-    and a reduce kernel rescales and combines them.
+    and a reduce kernel rescales and combines them;
+  * split_decodes (padded CUDA-graph batches, whose mix of query lengths is unknown at capture): two
+    launches of the kernel, MODE_DECODE with decode-sized tiles and one program per sequence (those
+    whose query is not one token exit), then MODE_PREFILL with prefill-sized tiles over the
+    upper-bound grid (one-token queries exit). A single launch would size every tile for the
+    longest query, and 128-row tiles on decode rows cost tensor-core time rivalling the KV reads.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ import torch.nn.functional as F
 from kernels.dispatch import lazy_jit, next_pow2, use_triton
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
+
+# which queries a launch serves: all, one-token ones, longer ones (literals in the kernel: triton reads no globals)
+MODE_ALL, MODE_DECODE, MODE_PREFILL = 0, 1, 2
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -117,7 +125,8 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
     return acc, m_i, l_i
 
 
-@lazy_jit(do_not_specialize=["num_seqs"])   # varies every step: one compile, not one per value class
+# num_seqs and bt_stride (the block table's width) vary step to step: one compile, not one per value class
+@lazy_jit(do_not_specialize=["num_seqs", "bt_stride"])
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         seg_out_ptr, seg_max_ptr, seg_sum_ptr,
@@ -126,17 +135,28 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr):
+        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    seq = tl.maximum(_find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q), 0)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    local_tile = q_tile - (q_start // BLOCK_Q + seq)
-    if (local_tile < 0) | (local_tile * BLOCK_Q >= q_len):
-        return
+    if MODE == 1:   # MODE_DECODE, grid (num_seqs, ...): a program per sequence, one-token queries only
+        seq = q_tile
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        local_tile = 0
+        if q_len != 1:
+            return
+    else:
+        seq = tl.maximum(_find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q), 0)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        local_tile = q_tile - (q_start // BLOCK_Q + seq)
+        if (local_tile < 0) | (local_tile * BLOCK_Q >= q_len):
+            return
+        if MODE == 2:   # MODE_PREFILL: the decode launch serves one-token queries
+            if q_len == 1:
+                return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
@@ -238,11 +258,25 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device):
     return block_m, tile_n, warps, stages, segments
 
 
+def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, device):
+    """Every config _config can pick for batches up to these sizes, each with the smallest batch that gets
+    it: {config: (max_query_len, num_seqs)}. Start-up compiles each (no compile after ready)."""
+    found = {}
+    for n in range(1, max_num_seqs + 1):    # decodes: the split-KV segment count follows the batch size
+        found.setdefault(_config(1, group, head_dim, n, num_kv_heads, device), (1, n))
+    for q in range(2, max_query_len + 1):   # prefill chunks: the tile band follows the longest query
+        found.setdefault(_config(q, group, head_dim, 1, num_kv_heads, device), (q, 1))
+    return found
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None, *,
-                           num_segments=None, block_m=None, tile_n=None, num_warps=None, num_stages=None):
-    """The keyword-only knobs override the heuristics (tests force paths with them; bench sweeps them)."""
+                           split_decodes=False, num_segments=None, block_m=None, tile_n=None, num_warps=None,
+                           num_stages=None):
+    """split_decodes: two launches (see the module's docstring); max_query_len is then only an upper bound,
+    which sizes the prefill launch's tiles. The keyword-only knobs override the heuristics (tests force
+    paths with them; bench sweeps them)."""
     num_tokens, num_q_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, _, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
     out = torch.empty_like(q)
@@ -256,15 +290,30 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     assert block_tables.stride(-1) == 1 and seq_lens.is_contiguous() and query_start_loc.is_contiguous()
     if max_query_len is None:   # no host sync: a guess that only steers the tile shapes
         max_query_len = 1 if num_tokens == num_seqs else num_tokens
-    bm, tn, warps, stages, segs = _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device)
-    bm = block_m or bm
-    tn = tile_n or tn
-    segs = num_segments or segs
-    warps = num_warps or warps
-    stages = num_stages or stages
+    args = (out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    knobs = (block_m, tile_n, num_warps, num_stages, num_segments)
+    if not split_decodes:
+        _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device), knobs)
+        return out
+    # The decode launch runs unsplit: the decode count is unknown at capture (a one-launch mixed batch is
+    # unsplit too), and with many decodes, where graphs pay off, _config would not split either.
+    decode = _config(1, group, head_dim, num_seqs, num_kv_heads, q.device)[:4] + (1,)
+    _launch(*args, MODE_DECODE, decode, knobs[:4] + (None,))
+    _launch(*args, MODE_PREFILL, _config(max(2, max_query_len), group, head_dim, num_seqs, num_kv_heads, q.device),
+            knobs)
+    return out
+
+
+def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, mode, config, knobs):
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = num_q_heads // num_kv_heads
+    bm, tn, warps, stages, segs = (knob or c for knob, c in zip(knobs, config))
     assert bm >= group and bm >= 16 and tn >= 16 and segs & (segs - 1) == 0
+    assert mode == MODE_ALL or segs == 1, "split-KV partials are indexed by token over the whole batch"
     block_q = bm // group
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, segs)
+    grid = (num_seqs if mode == MODE_DECODE else num_tokens // block_q + num_seqs, num_kv_heads, segs)
     if segs > 1:
         seg_out = torch.empty(num_tokens, num_q_heads, segs, head_dim, dtype=torch.float32, device=q.device)
         seg_max = torch.empty(num_tokens, num_q_heads, segs, dtype=torch.float32, device=q.device)
@@ -283,17 +332,17 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
         UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
-        UNMASKED_PREFIX=bm >= 64,
+        UNMASKED_PREFIX=bm >= 64, MODE=mode,
         num_warps=warps, num_stages=stages)
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
             out, seg_out, seg_max, seg_sum, num_q_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4)
-    return out
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None):
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None,
+                    split_decodes=False):
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      max_query_len)
+                                      max_query_len, split_decodes=split_decodes)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)

@@ -142,7 +142,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    self.scale, meta.max_query_len)
+                                    self.scale, meta.max_query_len, meta.split_decodes)
         return parallel.all_reduce(self.o_proj(o.reshape(t, -1)))   # row-parallel: sum the ranks' parts
 
 

@@ -101,3 +101,88 @@ def test_forks_and_beams_on_gpu_fp32(tiny_checkpoints):
     for i, sample in enumerate(many.samples):
         single = SamplingParams(temperature=0.9, seed=11 + i, max_tokens=12, ignore_eos=True)
         assert sample.token_ids == engine.generate(prompts[1:2], single)[0].token_ids
+
+
+# ---------------- mixed-step CUDA graphs ----------------
+
+def count_graph_steps(runner):
+    """Wrap the graphs' replay: how many steps ran on decode graphs and on mixed graphs."""
+    counts = {"decode": 0, "mixed": 0}
+    replay = runner.graphs.replay
+
+    def counted(key, *a):
+        counts["mixed" if key[2] else "decode"] += 1
+        return replay(key, *a)
+    runner.graphs.replay = counted
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["default", "qwen3"])
+def test_mixed_graphs_equal_eager_under_staggered_arrivals_fp32(tiny_checkpoints, arch):
+    """Prompts arrive while others decode and chunk (budget 100: chunks of long prompts beside decodes);
+    async scheduling fills in-flight tokens into the mixed graphs' static inputs."""
+    from tests.helpers import run_staggered
+    path = DEFAULT_MODEL if arch == "default" else tiny_checkpoints[arch]
+    prompts = [p * (1 + i % 4) for i, p in enumerate(prompt_set(12, seed=8))]
+    kw = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=100)
+    eager = run_staggered(gpu(path, enforce_eager="true", **kw), prompts, greedy(20), every=3)
+    engine = gpu(path, **kw)
+    assert engine.core.async_scheduling and engine.core.runner.graphs.token_buckets == [64, 100]
+    counts = count_graph_steps(engine.core.runner)
+    assert ids(run_staggered(engine, prompts, greedy(20), every=3)) == ids(eager)
+    assert counts["mixed"] >= 10 and counts["decode"] >= 10, counts
+
+
+@torch.inference_mode()
+def test_mixed_step_logits_graph_equal_eager_bf16():
+    """One mixed step (decodes at several contexts, a first chunk, a last chunk with context) through the
+    graph and eagerly: the logits agree within bf16 rounding."""
+    from backend.scheduler import SchedulerOutput
+    from backend.sequence import Sequence
+    engine = gpu(DEFAULT_MODEL, max_num_seqs=16, max_num_batched_tokens=512)
+    runner = engine.core.runner
+    g = torch.Generator().manual_seed(9)
+    lens = [30, 70, 5, 120, 90]
+    seqs, next_block = [], 1
+    for i, n in enumerate(lens):
+        s = Sequence(f"r{i}", torch.randint(2, 4000, (n + 1,), generator=g).tolist(), n, SamplingParams())
+        blocks = -(-(n + 1) // runner.block_size)
+        s.block_table = list(range(next_block + blocks - 1, next_block - 1, -1))   # scattered, descending
+        next_block += blocks
+        seqs.append(s)
+    prefill = SchedulerOutput(seqs=seqs[:4], num_new_tokens=lens[:4])
+    runner._forward(prefill, None)                  # context of the first four
+    for s, n in zip(seqs[:4], lens[:4]):
+        s.num_computed_tokens = n                   # each has one more token: a decode
+    seqs[3].num_computed_tokens = 100               # ... but the fourth: a last chunk of 21 with context
+    mixed = SchedulerOutput(seqs=seqs, num_new_tokens=[1, 1, 1, 21, 60])   # the fifth: a first chunk
+    assert runner.graphs.select(mixed.total_tokens, len(seqs)) == (128, 16, True)
+    graphed = runner._forward(mixed, None)
+    saved, runner.graphs = runner.graphs, None
+    try:
+        eager = runner._forward(mixed, None)
+    finally:
+        runner.graphs = saved
+    assert graphed.shape == eager.shape == (4, runner.model.args.vocab_size)
+    err = (graphed - eager).abs().max().item()
+    assert err <= 2e-2 * eager.abs().max().item(), err
+    assert (graphed.argmax(-1) == eager.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_no_compile_after_ready(eager):
+    """Once the runner is built, serving compiles no Triton kernel: decode batches of every size,
+    prompt chunks of many lengths (every tile band), mixed steps."""
+    from kernels.dispatch import compiled_variants
+    engine = gpu(DEFAULT_MODEL, max_num_seqs=32, max_num_batched_tokens=512, enforce_eager=str(eager).lower())
+    before = compiled_variants()
+    assert before.get("_paged_attention_kernel") and before.get("_rms_norm_kernel")
+    g = torch.Generator().manual_seed(10)
+    lengths = [1, 2, 3, 5, 8, 9, 15, 17, 33, 64, 65, 100, 129, 200, 257, 300, 511, 700]
+    prompts = [torch.randint(2, 4000, (n,), generator=g).tolist() for n in lengths]
+    # different output lengths: the decode batch shrinks through every size as requests finish
+    engine.generate(prompts[:14] * 2 + prompts[14:], [greedy(2 + i) for i in range(32)])
+    from tests.helpers import run_staggered
+    run_staggered(engine, prompts, greedy(12), every=2)
+    after = compiled_variants()
+    assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}

@@ -72,6 +72,56 @@ def test_max_query_len_given_or_not(max_query_len):
     assert_close(run_kernel(b, max_query_len=max_query_len), ref_attention(b))
 
 
+@pytest.mark.parametrize("group", [1, 4, 5])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_split_decodes_on_a_padded_graph_batch(group, block_size):
+    """The two-launch mode on a batch laid out as a mixed CUDA graph sees it: decodes, prompt chunks (one
+    of a single token, with context), then padding sequences with empty queries (seq_len 0, table rows
+    pointing past the pool) and NaN padding tokens that belong to no sequence; max_query_len is the
+    token bucket. The real rows equal the reference; no NaN leaks in from the padding."""
+    real = [(1, 1), (40, 7), (33, 1), (64, 64), (50, 1), (41, 1), (5, 3), (90, 1)]
+    seq_lens, q_lens = zip(*(real + [(0, 0)] * 5))
+    b = make_paged_batch(list(seq_lens), list(q_lens), 2, group, 32, block_size, torch.bfloat16, seed=group)
+    n = b["q"].shape[0]
+    bucket = n + 27
+    b["q"] = torch.cat([b["q"], torch.full((bucket - n, *b["q"].shape[1:]), float("nan"), dtype=b["q"].dtype,
+                                           device=b["q"].device)])
+    out = paged_attention_triton(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"],
+                                 b["query_start_loc"], b["scale"], bucket, split_decodes=True)
+    ref = ref_attention(b)[:n]
+    assert_close(out[:n], ref)
+    # each launch alone writes exactly its own queries' rows (the others exit at once)
+    from kernels.paged_attention import MODE_DECODE, MODE_PREFILL, _config, _launch
+    starts = b["query_start_loc"].tolist()
+    one = torch.zeros(bucket, dtype=torch.bool)
+    for s, q_len in enumerate(q_lens):
+        one[starts[s]] = q_len == 1
+    for mode, mine in ((MODE_DECODE, one), (MODE_PREFILL, ~one)):
+        part = torch.full_like(b["q"], float("nan"))
+        config = _config(1 if mode == MODE_DECODE else bucket, group, 32, len(q_lens), 2, DEVICE)[:4] + (1,)
+        _launch(part, b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"],
+                b["scale"], mode, config, (None,) * 5)
+        mine = mine[:n].to(part.device)
+        assert_close(part[:n][mine], ref[mine])
+        assert torch.isnan(part[:n][~mine]).all() and torch.isnan(part[n:]).all()
+
+
+def test_split_decodes_through_dispatch():
+    """The flag reaches the kernel through the public function (and the reference ignores it)."""
+    b = make_paged_batch([40, 3, 17], [7, 1, 17], 1, 4, 32, 16, torch.float32)
+    args = (b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"], b["scale"])
+    assert_close(kernels.paged_attention(*args, 64, split_decodes=True), ref_attention(b))
+
+
+def test_launch_configs_cover_every_pick():
+    from kernels.paged_attention import _config, launch_configs
+    found = launch_configs(4, 128, 8, 256, 8192, DEVICE)
+    picks = {_config(q, 4, 128, n, 8, DEVICE) for q in (1, 2, 3, 4, 5, 64, 65, 1000, 8192) for n in (1, 7, 256)}
+    assert picks <= set(found) and len(found) == len(set(found))
+    for config, (q, n) in found.items():
+        assert _config(q, 4, 128, n, 8, DEVICE) == config
+
+
 def test_uses_the_kernel_in_triton_mode(monkeypatch):
     import sys
     pa = sys.modules["kernels.paged_attention"]   # the package attribute of that name is the function

@@ -1,0 +1,98 @@
+"""CUDA-graph runner logic that needs no GPU: the token buckets, which graph a step picks, and the padded
+static inputs a step is staged into (against what ModelRunner.prepare builds for the eager path)."""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from backend.cuda_graph import CUDAGraphs, decode_batch_sizes, mixed_token_buckets, regions
+from backend.model_runner import ModelRunner
+from backend.sampling_params import SamplingParams
+from backend.scheduler import SchedulerOutput
+from backend.sequence import Sequence
+
+BLOCK = 16
+
+
+def test_token_buckets():
+    b = mixed_token_buckets(8192)
+    assert b[:4] == [64, 128, 192, 256] and b[-1] == 8192 and len(b) == 24 and b == sorted(set(b))
+    assert all(hi / lo <= 1.25 for lo, hi in zip(b[3:], b[4:]))   # above 256: under 25% padding
+    assert mixed_token_buckets(2048)[-1] == 2048 and mixed_token_buckets(1000)[-2:] == [896, 1000]
+    assert mixed_token_buckets(40) == [40]
+    assert decode_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 32] and decode_batch_sizes(256)[-1] == 256
+
+
+def graphs(max_num_seqs=8, max_tokens=300, max_blocks=16):
+    g = CUDAGraphs(None, None, max_num_seqs, max_tokens, BLOCK, max_blocks, torch.device("cpu"))
+    g.graphs = dict.fromkeys(g.keys())   # as if captured
+    return g
+
+
+def test_select():
+    g = graphs()
+    assert g.select(3, 3) == (4, 4, False)          # decodes: the decode graph of the next batch size
+    assert g.select(8, 8) == (8, 8, False)
+    assert g.select(10, 3) == (64, 8, True)         # prompt chunks: the next token bucket, every seq slot
+    assert g.select(65, 8) == (128, 8, True)
+    assert g.select(300, 1) == (300, 8, True)
+    assert g.select(301, 1) is None and g.select(9, 9) is None   # too many tokens or sequences: eager
+    g.graphs = {}
+    assert g.select(3, 3) is None
+
+
+def seq(prompt_len, computed, output=0, placeholders=0, first_block=0):
+    s = Sequence("r", list(range(100, 100 + prompt_len + output)), prompt_len, SamplingParams(max_tokens=4))
+    s.num_placeholders, s.num_computed_tokens = placeholders, computed
+    s.block_table = list(range(first_block + 37, first_block + 37 - (-s.num_tokens // BLOCK)))[::-1]  # scattered
+    return s
+
+
+def mixed_step():
+    seqs = [seq(20, 20, output=1),                       # a decode
+            seq(50, 16, first_block=10),                 # a prompt chunk that does not reach the end
+            seq(5, 5, output=0, placeholders=1, first_block=20),  # a decode whose token is in flight
+            seq(40, 33, first_block=30),                 # a prompt's last chunk, with context
+            seq(17, 16, first_block=40),                 # a one-token final chunk
+            seq(31, 32, output=2, first_block=50)]       # a decode at a block boundary
+    nums = [1, 20, 1, 7, 1, 1]
+    return SchedulerOutput(seqs=seqs, num_new_tokens=nums)
+
+
+@pytest.mark.parametrize("key", [(64, 8, True), (31, 6, False)])
+def test_staged_inputs_equal_prepare_with_padding(key):
+    out = mixed_step()
+    T, S, _ = key
+    g = graphs()
+    g.load(key, out.seqs, out.num_new_tokens)   # the other staging set: a stale step first
+    input_ids, ends, num_sampled = g.load(key, out.seqs, out.num_new_tokens)
+    ids, positions, meta, logits_indices = ModelRunner.prepare(
+        types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu")), out)
+    n, s = out.total_tokens, len(out.seqs)
+    (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
+    assert all(r.start % 2 == 0 for r in (r_ids, r_pos, r_slots, r_rows)) and r_starts.start % 4 == 0  # 16 bytes
+    ids_, pos_, slots_, rows_ = (g.tok[r] for r in (r_ids, r_pos, r_slots, r_rows))
+    lens_, starts_ = g.seq[r_lens], g.seq[r_starts]
+    assert torch.equal(input_ids, ids_)
+    assert ids_[:n].tolist() == ids.tolist() and not ids_[n:].any()
+    assert pos_[:n].tolist() == positions.tolist() and not pos_[n:].any()
+    assert slots_[:n].tolist() == meta.slot_mapping.tolist() and (slots_[n:] == -1).all()
+    assert lens_[:s].tolist() == meta.seq_lens.tolist() and not lens_[s:].any()
+    assert starts_[:s + 1].tolist() == meta.query_start_loc.tolist() and (starts_[s + 1:] == n).all()
+    width = meta.block_tables.shape[1]
+    for i, x in enumerate(out.seqs):
+        assert g.tables[i, :len(x.block_table)].tolist() == x.block_table
+    assert num_sampled == len(logits_indices) and rows_[:num_sampled].tolist() == logits_indices.tolist()
+    assert list(ends) == [0, -1, 21, 28, 29, 30] and width == max(len(x.block_table) for x in out.seqs)
+
+
+def test_decode_step_reads_rows_in_order():
+    seqs = [seq(9, 9, output=1, first_block=i * 3) for i in range(5)]
+    g = graphs()
+    key = g.select(5, 5)
+    _, ends, num_sampled = g.load(key, seqs, [1] * 5)
+    assert key == (8, 8, False) and num_sampled == 5 and list(ends) == [0, 1, 2, 3, 4]
+    (_, _, r_slots, _), (r_lens, r_starts) = regions(8, 8)
+    assert g.seq[r_starts].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5] and g.seq[r_lens].tolist() == [10] * 5 + [0] * 3
+    assert np.array_equal(g.tok[r_slots].numpy(), [s.block_table[0] * BLOCK + 9 for s in seqs] + [-1] * 3)
