@@ -186,3 +186,21 @@ def test_no_compile_after_ready(eager):
     run_staggered(engine, prompts, greedy(12), every=2)
     after = compiled_variants()
     assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+
+
+# ---------------- latency target ----------------
+
+def test_latency_target_calibrates_at_start_and_keeps_outputs_fp32(tiny_checkpoints):
+    """target_itl_ms on the GPU: synthetic steps fit the cost model before any request (its
+    prediction of a decode step is positive and below a prefill-heavy one), steps are timed with
+    CUDA events, and greedy outputs equal those without the target."""
+    from tests.helpers import run_staggered
+    prompts = [p * (1 + i % 4) for i, p in enumerate(prompt_set(12, seed=9))]
+    kw = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=256)
+    plain = run_staggered(gpu(DEFAULT_MODEL, **kw), prompts, greedy(20), every=2)
+    engine = gpu(DEFAULT_MODEL, target_itl_ms=5, **kw)
+    model = engine.core.scheduler.cost_model
+    assert model.fitted and 0 < model.predict(8, 8 * 512) < model.predict(256, 256 * 2048)
+    assert ids(run_staggered(engine, prompts, greedy(20), every=2)) == ids(plain)
+    samples = engine.take_step_samples()
+    assert samples and all(0 < seconds < 1 for _, seconds in samples)
