@@ -389,6 +389,7 @@ def parse_args(argv):
     ap.add_argument("--slo-itl-ms", type=float, default=Slo.itl_p99_ms, help="limit of a request's own ITL p99")
     ap.add_argument("--out", default="", help="JSON lines, one per rate")
     ap.add_argument("--requests-out", default="", help="JSON lines, one per request of every rate")
+    ap.add_argument("--metrics-out", default="", help="the launched server's vllm: metrics after the last rate")
     launch = ap.add_argument_group("start a server instead of using --url")
     launch.add_argument("--shape", default="", help="random weights of this shape (bench/shapes.py)")
     launch.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -428,6 +429,15 @@ def run_rates(a, url, prompts):
     return rows
 
 
+def save_metrics(url, path):
+    """The server's vLLM-named metrics after the run (e.g. the step time and tokens histograms)."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = [l for l in response.read().decode().splitlines() if l.startswith("vllm:")]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     from bench.serving import shape_dir_of
     a = parse_args(argv)
@@ -439,7 +449,10 @@ def main(argv=None):
     try:
         url = server.grpc_url if server else a.url
         prompts = PromptBuilder(a.tokenizer or shape_dir_of(a.shape), seed=a.seed)
-        return run_rates(a, url, prompts)
+        rows = run_rates(a, url, prompts)
+        if server is not None and a.metrics_out:
+            save_metrics(f"http://127.0.0.1:{server.metrics_port}/metrics", a.metrics_out)
+        return rows
     finally:
         if server is not None:
             server.stop()

@@ -81,6 +81,10 @@ def test_a_short_rate_against_the_server(server, tiny_model, tmp_path):
     assert row["input_tokens"] == sum(r["input_len"] for r in requests)
     assert row["chat_requests"] + row["long_requests"] == row["requests"]
     assert row["responses"] == sum(r["responses"] for r in requests) >= row["requests"]
+    metrics = tmp_path / "metrics.txt"   # what --metrics-out keeps: the step histograms among them
+    sr.save_metrics(f"http://127.0.0.1:{server.metrics_port}/metrics", metrics)
+    steps = [l for l in metrics.read_text().splitlines() if l.startswith("vllm:step_duration_seconds_count{")]
+    assert steps and float(steps[0].rsplit(" ", 1)[1]) >= row["output_tokens"] / row["requests"]
 
     # the statistics agree with one another
     for metric in METRICS:
