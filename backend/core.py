@@ -198,11 +198,15 @@ class EngineCore:
             return
         tokens = result.host_token_ids()
         self._observe_step(*result.step)
-        for seq, token in zip(result.seqs, tokens):
+        for seq, token, logprobs in zip(result.seqs, tokens, result.host_logprobs(tokens)):
             if seq.is_finished:     # stopped (or aborted) while this token was being made
                 continue
             seq.num_placeholders -= 1
             seq.token_ids.append(token)
+            if logprobs is not None:
+                seq.cum_logprob += logprobs.logprob
+                if seq.params.logprobs is not None:
+                    seq.unreported_logprobs.append(logprobs)
             self.num_generation_tokens += 1
             self._check_stop(seq)
             self._touched.append(seq.group)
@@ -256,8 +260,11 @@ class EngineCore:
         else:
             samples = []
             for s in group.seqs:
-                samples.append(SampleUpdate(s.index, s.token_ids[s.num_reported_tokens:], s.finish_reason))
+                cumulative = s.cum_logprob if s.params.wants_logprob else None
+                samples.append(SampleUpdate(s.index, s.token_ids[s.num_reported_tokens:], s.finish_reason, cumulative,
+                                            logprobs=s.unreported_logprobs if s.params.logprobs is not None else None))
                 s.num_reported_tokens = len(s.token_ids)
+                s.unreported_logprobs = []
         return CoreOutput(group.request_id, samples, finished, group.error, group.error_kind)
 
     def _retire(self, group: SequenceGroup):

@@ -7,6 +7,7 @@ the caller, and the core is told to free it (it may have computed a token more; 
 import logging
 
 from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder
+from backend.logprobs import as_vllm_dict
 from backend.outputs import CoreOutput, RequestOutput, SampleOutput, SampleUpdate
 from backend.sampling_params import SamplingParams
 
@@ -14,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 class SampleState:
-    __slots__ = ("ids", "num_context", "detok", "text", "num_sent_chars", "finish_reason", "cumulative_logprob")
+    __slots__ = ("ids", "num_context", "detok", "text", "num_sent_chars", "finish_reason", "cumulative_logprob",
+                 "logprobs")
 
-    def __init__(self, prompt_token_ids: list[int]):
+    def __init__(self, prompt_token_ids: list[int], logprobs: bool = False):
         context = prompt_token_ids[-CONTEXT_TOKENS:]   # so that a leading space of the output survives
         self.ids = list(context)                       # prompt context + output token ids
         self.num_context = len(context)
@@ -25,6 +27,7 @@ class SampleState:
         self.num_sent_chars = 0
         self.finish_reason: str | None = None
         self.cumulative_logprob: float | None = None
+        self.logprobs: list[dict] | None = [] if logprobs else None   # one vLLM-style map per output token
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -46,7 +49,7 @@ class RequestState:
     def sample(self, index: int) -> SampleState:
         state = self.samples.get(index)
         if state is None:
-            state = self.samples[index] = SampleState(self.prompt_token_ids)
+            state = self.samples[index] = SampleState(self.prompt_token_ids, self.params.logprobs is not None)
         return state
 
 
@@ -96,6 +99,9 @@ class OutputProcessor:
             return self._request_output(out.request_id, state, out.error, out.error_kind)
         return None
 
+    def _token_text(self, token_id: int) -> str:
+        return self.decode([token_id], skip_special_tokens=False)
+
     def _apply(self, state: RequestState, sample: SampleState, update: SampleUpdate) -> bool:
         """Take in a sample's new tokens; True when a stop string ended it here."""
         p = state.params
@@ -106,8 +112,10 @@ class OutputProcessor:
             if p.detokenize:
                 sample.text = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens)
         else:
-            for token in update.new_token_ids:
+            for i, token in enumerate(update.new_token_ids):
                 sample.ids.append(token)
+                if update.logprobs is not None and sample.logprobs is not None:
+                    sample.logprobs.append(as_vllm_dict(update.logprobs[i], self._token_text))
                 old_len = len(sample.text)
                 if p.detokenize:
                     sample.text += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens)
@@ -145,4 +153,4 @@ class OutputProcessor:
         new_text = text[sample.num_sent_chars:sendable]
         sample.num_sent_chars = sendable
         return SampleOutput(index, new_text, text[:sendable], sample.output_token_ids, sample.finish_reason,
-                            sample.cumulative_logprob)
+                            sample.cumulative_logprob, None if sample.logprobs is None else list(sample.logprobs))

@@ -13,6 +13,7 @@ class SampleUpdate:
     finish_reason: str | None = None   # "stop", "length", "abort"
     cumulative_logprob: float | None = None
     replace: bool = False              # beam search: new_token_ids is the whole output (beams reorder)
+    logprobs: list | None = None       # a logprobs.TokenLogprobs per new token, when the request asked
 
 
 @dataclass
@@ -32,6 +33,8 @@ class SampleOutput:
     token_ids: list[int]
     finish_reason: str | None = None   # "stop", "length", "abort"
     cumulative_logprob: float | None = None
+    # per output token, vLLM's {token_id: {"logprob", "rank", "decoded_token"}}; None if not asked
+    logprobs: list[dict] | None = None
 
 
 @dataclass

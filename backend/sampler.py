@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backend import logprobs
+from backend.logprobs import TokenLogprobs, unpack
 from backend.sequence import Sequence
 
 
@@ -32,7 +34,10 @@ class StepResult:
     """A step's sampled tokens, on the device; copied to the host without blocking, so the next
     step can launch first (async scheduling) and read them from here in the meantime."""
 
-    def __init__(self, seqs: list[Sequence], token_ids: torch.Tensor, beam_seqs=(), beam_logprobs=None):
+    def __init__(self, seqs: list[Sequence], token_ids: torch.Tensor, beam_seqs=(), beam_logprobs=None,
+                 logprob_rows: list[int] = (), packed_logprobs: torch.Tensor | None = None, top_k: int = 0):
+        """logprob_rows: indices into seqs of the requests that asked for log-probs; packed_logprobs:
+        their logprobs.compute() rows (top_k entries each)."""
         self.seqs = seqs
         self.token_ids = token_ids              # [len(seqs)] int64, on the device
         self.beam_seqs = list(beam_seqs)
@@ -42,6 +47,11 @@ class StepResult:
         cuda = token_ids.is_cuda
         self._host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
         self._host.copy_(token_ids, non_blocking=cuda)
+        self.logprob_rows, self._top_k = list(logprob_rows), top_k
+        self._host_logprobs = None
+        if packed_logprobs is not None:
+            self._host_logprobs = torch.empty(packed_logprobs.shape, dtype=torch.float32, pin_memory=cuda)
+            self._host_logprobs.copy_(packed_logprobs, non_blocking=cuda)
         self._event = None
         if cuda:
             self._event = torch.cuda.Event()
@@ -58,6 +68,15 @@ class StepResult:
             self._event.synchronize()
         return self._host.tolist()
 
+    def host_logprobs(self, token_ids: list[int]) -> list[TokenLogprobs | None]:
+        """Per sequence (aligned with seqs): its sampled token's log-probs, or None if not asked.
+        Call after host_token_ids() (the copy is then complete)."""
+        entries: list[TokenLogprobs | None] = [None] * len(self.seqs)
+        if self._host_logprobs is not None:
+            for i, row in zip(self.logprob_rows, self._host_logprobs.tolist()):
+                entries[i] = unpack(row, token_ids[i], self._top_k, self.seqs[i].params.logprobs or 0)
+        return entries
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
@@ -70,11 +89,18 @@ class Sampler:
         if batch.beam_seqs:
             beam_logprobs = torch.log_softmax(logits[batch.beam_rows], dim=-1)
         rows = batch.rows
+        # Raw rows of the requests that asked for log-probs, copied before sampling masks logits in place.
+        logprob_rows = [i for i, seq in enumerate(batch.seqs) if seq.params.wants_logprob]
+        raw = logits[torch.tensor([rows[i] for i in logprob_rows], device=logits.device)] if logprob_rows else None
         # Each non-beam logits row has at least one drawer, in order: one each and no beams is the identity.
         if len(rows) != logits.shape[0] or batch.beam_seqs:
             logits = logits[rows]
         tokens = self.sample(logits, batch.seqs, batch.masked_ids) if rows else logits.new_empty(0, dtype=torch.long)
-        return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs)
+        packed, top_k = None, 0
+        if logprob_rows:
+            top_k = max(batch.seqs[i].params.logprobs or 0 for i in logprob_rows)
+            packed = logprobs.compute(raw, tokens[torch.tensor(logprob_rows, device=tokens.device)], top_k)
+        return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs, logprob_rows, packed, top_k)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
         """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i.

@@ -23,6 +23,7 @@ MAX_N = 64                      # most samples (or beams) per request
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256        # checked per generated token (and masked before min_tokens)
+MAX_LOGPROBS = 20               # vLLM's default max_logprobs: the top-k gather is sized by the largest asked
 MAX_NUMBER_CHARS = 64           # a number sent as text; longer is refused before any parsing
 
 _NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
@@ -50,14 +51,22 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool = False
     priority: int = 0
+    logprobs: int | None = None        # the sampled token's log-prob plus this many most likely ones
+    # Not a vLLM option: the front sets it when a caller wants cumulative_logprob without logprobs.
+    cumulative_logprob: bool = False
 
     # Options vLLM has that we do not implement yet: accepted only at their no-op value.
     UNSUPPORTED = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                   "logprobs": None, "prompt_logprobs": None}
+                   "prompt_logprobs": None}
 
     @property
     def beam_width(self) -> int:
         return max(self.n, self.best_of or 0) if self.use_beam_search else 1
+
+    @property
+    def wants_logprob(self) -> bool:
+        """The sampled token's log-prob is computed for this request (logprobs or its running sum)."""
+        return self.logprobs is not None or self.cumulative_logprob
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +114,8 @@ class SamplingParams:
         check(1 <= self.max_tokens <= INT64_MAX, "max_tokens", "must be >= 1")
         check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
         check(INT64_MIN <= self.priority <= INT64_MAX, "priority", "must fit in 64 bits")
+        check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+              f"must be in [0, {MAX_LOGPROBS}] (vLLM's max_logprobs)")
         check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings")
         check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
               f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
@@ -123,6 +134,7 @@ class SamplingParams:
         check(self.top_k in (0, -1), "top_k", "does not apply to use_beam_search (0 or -1 only)")
         check(self.top_p == 1, "top_p", "does not apply to use_beam_search (1 only)")
         check(self.min_p == 0, "min_p", "does not apply to use_beam_search (0 only)")
+        check(self.logprobs is None, "logprobs", "is not supported with use_beam_search")
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
@@ -251,5 +263,5 @@ _CONVERTERS = {
     "max_tokens": _int, "min_tokens": _int, "stop": _str_list, "stop_token_ids": _int_list,
     "ignore_eos": _bool, "skip_special_tokens": _bool, "detokenize": _bool, "include_stop_str_in_output": _bool,
     "use_beam_search": _bool, "best_of": _int, "length_penalty": _float, "early_stopping": _bool,
-    "priority": _int,
+    "priority": _int, "logprobs": _int,
 }

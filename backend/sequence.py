@@ -41,7 +41,8 @@ class Sequence:
         self.prefill_bypassed = 0                # times later prompts went first (scheduler's aging)
         self.group: "SequenceGroup | None" = None
         self.index = 0                           # sample index within its request
-        self.cum_logprob = 0.0                   # beam search score
+        self.cum_logprob = 0.0                   # sum of the output tokens' log-probs (beam score, or when asked)
+        self.unreported_logprobs: list = []      # TokenLogprobs of tokens not yet handed to the front (when asked)
         self.generator = None                    # per-sample torch.Generator when params.seed is set
 
     @property
@@ -85,6 +86,7 @@ class Sequence:
         child.group = self.group
         child.index = index
         child.cum_logprob = self.cum_logprob
+        child.unreported_logprobs = list(self.unreported_logprobs)
         child.prefill_bypassed = 0     # a fork starts as a decode: no prompt left to wait for
         return child
 

@@ -40,7 +40,7 @@ SENDER_MAX_REST_S = 0.05
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 OPTIONAL_OUTPUTS = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
-                    "return_cumulative_logprob")
+                    "return_cumulative_logprob", "return_logprobs")
 INPUT_NAMES = ("text_input", "prompt", "stream", "exclude_input_in_output", "sampling_parameters",
                *OPTIONAL_OUTPUTS)
 
@@ -86,14 +86,15 @@ def parse_request(inputs: Mapping[str, np.ndarray], parameters: str = "") -> Par
     stream = bool(_bool(inputs, "stream"))
     exclude = _bool(inputs, "exclude_input_in_output")
     if stream and exclude is False:
-        # As in Triton's vLLM backend: streamed responses are deltas and never hold the prompt.
-        raise BadRequest("when streaming, 'exclude_input_in_output' = false is not allowed")
+        # Triton's vLLM backend's words: streamed responses are deltas and never hold the prompt.
+        raise BadRequest("Error generating stream: When streaming, `exclude_input_in_output` = False is not allowed.")
     options = sampling_options(inputs, parameters)
     try:
         params = SamplingParams.from_dict(options)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     want = frozenset(name for name in OPTIONAL_OUTPUTS if _bool(inputs, name))
+    params.cumulative_logprob = "return_cumulative_logprob" in want
     return ParsedRequest(prompt, params, stream, not stream and not exclude, want)
 
 
@@ -339,22 +340,31 @@ def response_outputs(state: RequestState, texts: list[str], output: RequestOutpu
         return outputs
     samples = {s.index: s for s in output.samples}
     indices = range(len(texts))
-    if "return_finish_reason" in want:
-        outputs["finish_reason"] = _strings([(samples[i].finish_reason or "") if i in samples else ""
-                                             for i in indices])
+    # per sample: the output tokens this response covers, [sent, total)
+    sent = list(state.tokens_sent)
+    totals = [len(samples[i].token_ids) if i in samples else sent[i] for i in indices]
+    state.tokens_sent = totals
+    if not state.request.stream:
+        sent = [0] * len(texts)
+    if "return_finish_reason" in want:   # the vLLM backend sends "None" until a sample ends
+        outputs["finish_reason"] = _strings([str(samples[i].finish_reason if i in samples else None) for i in indices])
     if "return_num_input_tokens" in want:
         outputs["num_input_tokens"] = np.array([output.num_prompt_tokens], dtype=np.uint32)
     if "return_num_output_tokens" in want:
-        counts = []
-        for i in indices:
-            total = len(samples[i].token_ids) if i in samples else state.tokens_sent[i]
-            counts.append(total - state.tokens_sent[i])
-            state.tokens_sent[i] = total
-        outputs["num_output_tokens"] = np.array(counts, dtype=np.uint32)
+        outputs["num_output_tokens"] = np.array([t - s for t, s in zip(totals, sent)], dtype=np.uint32)
     if "return_cumulative_logprob" in want:
         values = [samples[i].cumulative_logprob if i in samples else None for i in indices]
         outputs["cumulative_logprob"] = np.array([math.nan if v is None else v for v in values], dtype=np.float32)
+    if "return_logprobs" in want:
+        outputs["logprobs"] = _strings([_logprobs_json(samples.get(i), sent[i], totals[i]) for i in indices])
     return outputs
+
+
+def _logprobs_json(sample, start: int, end: int) -> str:
+    """The vLLM backend's logprobs output: a JSON list of one map per token in [start, end), or null."""
+    if sample is None or sample.logprobs is None:
+        return "null"
+    return json.dumps(sample.logprobs[start:end])
 
 
 def _strings(texts):

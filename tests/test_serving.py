@@ -82,7 +82,7 @@ def test_prompt_alias_and_text_input_first():
     ({"text_input": text(b"\xff\xfe")}, "input 'text_input' is not valid UTF-8"),
     ({"text_input": text(PROMPT), "sampling_parameters": text(b"{\xff}")}, "'sampling_parameters' is not valid UTF-8"),
     ({"text_input": text(PROMPT), "stream": flag(True), "exclude_input_in_output": flag(False)},
-     "when streaming, 'exclude_input_in_output' = false is not allowed"),
+     "Error generating stream: When streaming, `exclude_input_in_output` = False is not allowed."),
     ({"text_input": text(PROMPT), "sampling_parameters": text("{not json")}, "'sampling_parameters' is not valid JSON"),
     ({"text_input": text(PROMPT), "sampling_parameters": text("[1]")}, "'sampling_parameters' must be a JSON object"),
     ({"text_input": text(PROMPT), "sampling_parameters": text('{"temperature": "abc"}')},
@@ -236,7 +236,7 @@ def test_optional_outputs_streaming():
     first, last = (r.outputs for r in got)
     assert list(first) == ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens",
                            "cumulative_logprob"]
-    assert strings(first["finish_reason"]) == ["", ""]
+    assert strings(first["finish_reason"]) == ["None", "None"]   # the vLLM backend's string until the end
     assert strings(last["finish_reason"]) == ["length", "stop"]
     assert first["num_input_tokens"].dtype == np.uint32 and first["num_input_tokens"].tolist() == [4]
     assert last["num_output_tokens"].dtype == np.uint32
@@ -250,8 +250,37 @@ def test_optional_outputs_non_streaming_and_missing_values():
                           return_finish_reason=flag(True))
     final = replies(state, [output(sample(" a", " a", 1)), output(sample(" b", " a b", 2), finished=True)])[1]
     assert final.outputs["num_output_tokens"].tolist() == [2]
-    assert math.isnan(final.outputs["cumulative_logprob"][0])   # not computed: NaN
-    assert strings(final.outputs["finish_reason"]) == [""]
+    assert math.isnan(final.outputs["cumulative_logprob"][0])   # missing from the output: NaN
+    assert strings(final.outputs["finish_reason"]) == ["None"]   # a finished request without a reason
+
+
+def logprob_maps(tokens):
+    return [{t: {"logprob": -0.5 * t, "rank": 1, "decoded_token": f"<{t}>"}} for t in tokens]
+
+
+def test_logprobs_output_streaming_one_map_per_token_of_the_response():
+    state = request_state('{"logprobs": 1}', stream=flag(True), return_logprobs=flag(True))
+    assert state.request.params.logprobs == 1
+    first, last = replies(state, [output(SampleOutput(0, "a", "a", [1], logprobs=logprob_maps([1]))),
+                                  output(SampleOutput(0, "bc", "abc", [1, 2, 3], "length", logprobs=logprob_maps([1, 2, 3])),
+                                         finished=True)])
+    assert json.loads(strings(first.outputs["logprobs"])[0]) == [{"1": {"logprob": -0.5, "rank": 1, "decoded_token": "<1>"}}]
+    assert [list(m) for m in json.loads(strings(last.outputs["logprobs"])[0])] == [["2"], ["3"]]
+
+
+def test_logprobs_output_non_streaming_all_tokens_and_null_when_not_asked():
+    state = request_state('{"logprobs": 0}', return_logprobs=flag(True))
+    final = replies(state, [output(SampleOutput(0, "ab", "ab", [4, 5], "stop", logprobs=logprob_maps([4, 5])),
+                                   finished=True)])[0]
+    assert [list(m) for m in json.loads(strings(final.outputs["logprobs"])[0])] == [["4"], ["5"]]
+    plain = request_state(return_logprobs=flag(True))
+    final = replies(plain, [output(sample("a", "a", 1, finish_reason="stop"), finished=True)])[0]
+    assert strings(final.outputs["logprobs"]) == ["null"]
+
+
+def test_return_cumulative_logprob_asks_the_engine_for_it():
+    assert request_state(return_cumulative_logprob=flag(True)).request.params.wants_logprob
+    assert not request_state().request.params.wants_logprob
 
 
 def test_beam_search_running_outputs_have_no_samples():
