@@ -265,7 +265,8 @@ class EngineCore:
                                             logprobs=s.unreported_logprobs if s.params.logprobs is not None else None))
                 s.num_reported_tokens = len(s.token_ids)
                 s.unreported_logprobs = []
-        return CoreOutput(group.request_id, samples, finished, group.error, group.error_kind)
+        return CoreOutput(group.request_id, samples, finished, group.error, group.error_kind,
+                          group.seqs[0].first_scheduled_time)
 
     def _retire(self, group: SequenceGroup):
         if self.requests.pop(group.request_id, None) is not None:

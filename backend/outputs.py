@@ -23,6 +23,7 @@ class CoreOutput:
     finished: bool = False
     error: str | None = None
     error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
+    first_scheduled_time: float | None = None   # time.monotonic() when it was first scheduled (metrics)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
+    first_scheduled_time: float | None = None   # time.monotonic() when it was first scheduled (metrics)
 
     # n = 1 shorthands
     @property

@@ -12,6 +12,7 @@ scheduling order (lowest priority, latest arrival) is preempted: its blocks are 
 recomputed later from the start.
 """
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from backend.block_manager import BlockManager
@@ -217,6 +218,8 @@ class Scheduler:
         if not bm.allocate(seq, seq.num_computed_tokens + n):
             raise RuntimeError("block accounting error: admission check passed but allocation failed")
         seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
         bisect.insort(self.running, seq, key=self._key)
         self._schedule(seq, n, out, prompt=True)
         return n

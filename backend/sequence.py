@@ -37,6 +37,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival = next(_arrival_counter)   # FCFS order; preemption picks the latest
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None   # set when it is first admitted (metrics)
         self.priority = params.priority
         self.prefill_bypassed = 0                # times later prompts went first (scheduler's aging)
         self.group: "SequenceGroup | None" = None
@@ -83,6 +84,7 @@ class Sequence:
         child.num_reported_tokens = self.num_reported_tokens
         child.status = self.status
         child.arrival, child.arrival_time, child.priority = self.arrival, self.arrival_time, self.priority
+        child.first_scheduled_time = self.first_scheduled_time
         child.group = self.group
         child.index = index
         child.cum_logprob = self.cum_logprob

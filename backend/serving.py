@@ -197,7 +197,7 @@ class RequestState:
     """Per-request state, touched only by the sender thread after add_request. `sender` is the
     glue's response sender: here only its is_cancelled() is asked."""
     __slots__ = ("request_id", "sender", "request", "tokens_sent", "done", "next_cancel_check", "t_start",
-                 "first_token_seen")
+                 "first_token_time", "last_token_time", "tokens_seen")
 
     def __init__(self, request_id: str, sender, request: ParsedRequest, t_start: float | None = None):
         self.request_id = request_id
@@ -207,7 +207,9 @@ class RequestState:
         self.done = False                    # its final response is decided
         self.next_cancel_check = 0.0
         self.t_start = time.monotonic() if t_start is None else t_start
-        self.first_token_seen = False
+        self.first_token_time: float | None = None   # metrics: when its first token / latest token was seen
+        self.last_token_time = self.t_start
+        self.tokens_seen = 0
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -386,12 +388,27 @@ class MetricsBook:
                 "prefix_cache_queries", "prefix_cache_hits",
                 "request_rejected_total")   # ours: refused by max_queue_size
     GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    # Requests that ended well, by finish reason (vLLM's label finished_reason).
+    LABELED_COUNTERS = {"request_success_total": ("finished_reason", ("stop", "length", "abort"))}
+    _TOKENS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+    _PHASE_S = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0]
     HISTOGRAMS = {
         "time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                                         2.5, 5.0, 7.5, 10.0],
+        "time_per_output_token_seconds": [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                                          5.0, 7.5, 10.0, 20.0, 40.0, 80.0],
         "e2e_request_latency_seconds": [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0],
-        "request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
-        "request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+        "request_prompt_tokens": _TOKENS,
+        "request_generation_tokens": _TOKENS,
+        "request_params_n": [1, 2, 5, 10, 20],
+        "request_params_max_tokens": _TOKENS,
+        # vLLM V1's phases: waiting to be scheduled, first scheduled to first token, first to last
+        # token, first scheduled to last token
+        "request_queue_time_seconds": _PHASE_S,
+        "request_prefill_time_seconds": _PHASE_S,
+        "request_decode_time_seconds": _PHASE_S,
+        "request_inference_time_seconds": _PHASE_S,
     }
     # Per engine step (ours, for where a tail comes from): its device time and its tokens (vLLM's name).
     STEP_HISTOGRAMS = {
@@ -409,14 +426,34 @@ class MetricsBook:
     def observations(state: RequestState, output: RequestOutput, now: float) -> list[tuple[str, float]]:
         """(histogram, value) pairs for a request's latest output of this round."""
         observed = []
-        if not state.first_token_seen and any(s.token_ids for s in output.samples):
-            state.first_token_seen = True
+        tokens = sum(len(s.token_ids) for s in output.samples)
+        if state.first_token_time is None and tokens:
+            state.first_token_time = now
             observed.append(("time_to_first_token_seconds", now - state.t_start))
+        elif tokens > state.tokens_seen:   # the mean gap per token that this response brings
+            observed.append(("time_per_output_token_seconds", (now - state.last_token_time) / (tokens - state.tokens_seen)))
+        if tokens > state.tokens_seen:
+            state.tokens_seen, state.last_token_time = tokens, now
         if output.finished and output.error is None:
+            params, first_token = state.request.params, state.first_token_time or now
+            scheduled = output.first_scheduled_time or state.t_start
             observed += [("e2e_request_latency_seconds", now - state.t_start),
                          ("request_prompt_tokens", output.num_prompt_tokens),
-                         ("request_generation_tokens", sum(len(s.token_ids) for s in output.samples))]
+                         ("request_generation_tokens", tokens),
+                         ("request_params_n", params.n), ("request_params_max_tokens", params.max_tokens),
+                         ("request_queue_time_seconds", max(0.0, scheduled - state.t_start)),
+                         ("request_prefill_time_seconds", max(0.0, first_token - scheduled)),
+                         ("request_decode_time_seconds", now - first_token),
+                         ("request_inference_time_seconds", max(0.0, now - scheduled))]
         return observed
+
+    @classmethod
+    def successes(cls, output: RequestOutput) -> list[tuple[str, str]]:
+        """(labeled counter, label value) to increment for a request that ended well: one per sample."""
+        if not output.finished or output.error is not None:
+            return []
+        _, reasons = cls.LABELED_COUNTERS["request_success_total"]
+        return [("request_success_total", s.finish_reason) for s in output.samples if s.finish_reason in reasons]
 
     @staticmethod
     def step_observations(samples) -> list[tuple[str, float]]:
@@ -426,8 +463,10 @@ class MetricsBook:
             observed += [("iteration_tokens_total", tokens), ("step_duration_seconds", seconds)]
         return observed
 
-    def refresh_due(self, now: float) -> bool:
-        if now < self.next_refresh:
+    def refresh_due(self, now: float, force: bool = False) -> bool:
+        """Every REFRESH_S, or now (force) when a request's final response is about to go out, so
+        that a scrape after a final response counts all of that request."""
+        if now < self.next_refresh and not force:
             return False
         self.next_refresh = now + self.REFRESH_S
         return True

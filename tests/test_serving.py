@@ -382,19 +382,32 @@ def test_sender_rest():
 # ------------------------------------------------------------------------------------ metrics
 
 def test_metrics_observations():
-    state = request_state('{"n": 2}', t_start=10.0)
+    state = request_state('{"n": 2, "max_tokens": 7}', t_start=10.0)
     book = serving.MetricsBook()
     assert book.observations(state, output(), now=10.5) == []   # no token yet
     assert book.observations(state, output(sample("a", "a", 1, 0), sample("", "", 0, 1)), now=11.0) == [
         ("time_to_first_token_seconds", 1.0)]
-    assert book.observations(state, output(sample("b", "ab", 2, 0), sample("", "", 0, 1)), now=11.5) == []
+    assert book.observations(state, output(sample("b", "ab", 2, 0), sample("", "", 0, 1)), now=11.5) == [
+        ("time_per_output_token_seconds", 0.5)]
     done = output(sample("c", "abc", 3, 0, "stop"), sample("d", "d", 1, 1, "length"), finished=True,
                   num_prompt_tokens=5)
+    done.first_scheduled_time = 10.25
     assert book.observations(state, done, now=13.0) == [
-        ("e2e_request_latency_seconds", 3.0), ("request_prompt_tokens", 5), ("request_generation_tokens", 4)]
+        ("time_per_output_token_seconds", 0.75),   # 2 more tokens in 1.5 s
+        ("e2e_request_latency_seconds", 3.0), ("request_prompt_tokens", 5), ("request_generation_tokens", 4),
+        ("request_params_n", 2), ("request_params_max_tokens", 7),
+        ("request_queue_time_seconds", 0.25), ("request_prefill_time_seconds", 0.75),
+        ("request_decode_time_seconds", 2.0), ("request_inference_time_seconds", 2.75)]
+    assert book.successes(done) == [("request_success_total", "stop"), ("request_success_total", "length")]
     failed = request_state(t_start=0.0)
-    assert book.observations(failed, output(sample("a", "a", 1), finished=True, error="boom"), now=1.0) == [
+    failed_output = output(sample("a", "a", 1), finished=True, error="boom")
+    assert book.observations(failed, failed_output, now=1.0) == [
         ("time_to_first_token_seconds", 1.0)]   # a failed request has no latency or token counts
+    assert book.successes(failed_output) == []
+    assert set(book.HISTOGRAMS) | set(book.LABELED_COUNTERS) >= {
+        "time_per_output_token_seconds", "request_params_n", "request_params_max_tokens", "request_success_total",
+        "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+        "request_inference_time_seconds"}
 
 
 def test_metrics_counter_deltas_and_refresh():
@@ -403,6 +416,7 @@ def test_metrics_counter_deltas_and_refresh():
              "prefix_cache_queries": 2, "prefix_cache_hits": 0, "num_requests_running": 1,
              "num_requests_waiting": 0, "kv_cache_usage_perc": 0.1, "request_rejected_total": 0}
     assert book.refresh_due(0.0) and not book.refresh_due(0.4) and book.refresh_due(0.5)
+    assert book.refresh_due(0.6, force=True)   # a final response is about to go out
     assert book.counter_increments(stats) == {"prompt_tokens_total": 10, "generation_tokens_total": 4,
                                               "prefix_cache_queries": 2}
     assert book.counter_increments(stats) == {}

@@ -1,4 +1,5 @@
 """End-to-end tests against a real tritonserver (HTTP generate / generate_stream, gRPC streaming)."""
+import functools
 import json
 import os
 import queue
@@ -140,8 +141,26 @@ def test_generate_stream_matches_generate(server):
     assert events and not any("error" in e for e in events), events
     assert "".join(e["text_output"] for e in events) == whole
     assert events[-1]["finish_reason"] in ("stop", "length")
-    assert all(e["finish_reason"] == "" for e in events[:-1])
+    assert all(e["finish_reason"] == "None" for e in events[:-1])   # as Triton's vLLM backend
     assert sum(e["num_output_tokens"] for e in events) >= 1
+
+
+def test_generate_logprobs_and_cumulative_logprob(server):
+    body = greedy(PROMPT, max_tokens=5, ignore_eos=True, logprobs=2)
+    body.update(return_logprobs=True, return_cumulative_logprob=True, return_num_output_tokens=True)
+    out = generate(server, body).json()
+    logprobs = json.loads(out["logprobs"])
+    assert len(logprobs) == out["num_output_tokens"] == 5
+    for entry in logprobs:   # the greedy token (rank 1) and the two most likely: two or three entries
+        assert 2 <= len(entry) <= 3 and min(v["rank"] for v in entry.values()) == 1
+        assert all(v["logprob"] <= 0 and isinstance(v["decoded_token"], str) for v in entry.values())
+    chosen = [max(entry.values(), key=lambda v: v["logprob"])["logprob"] for entry in logprobs]
+    assert out["cumulative_logprob"] == pytest.approx(sum(chosen), abs=1e-3)
+    events = sse_events(generate(server, dict(body, stream=True), stream=True))
+    streamed = [m for e in events for m in json.loads(e["logprobs"])]
+    assert streamed == logprobs
+    plain = generate(server, dict(greedy(PROMPT, max_tokens=2), return_logprobs=True)).json()
+    assert plain["logprobs"] == "null"
 
 
 def test_generate_stream_without_stream_flag_gives_one_response(server):
@@ -443,18 +462,31 @@ def test_cancel_while_waiting(tmp_path, tiny_model):
 
 
 def test_vllm_metrics(server):
-    """vLLM's metric names on Triton's metrics endpoint, after requests have run."""
-    for _ in range(2):
-        assert generate(server, greedy(PROMPT, max_tokens=6)).status_code == 200
-    time.sleep(0.7)   # counters and gauges refresh twice a second
-    assert generate(server, greedy(PROMPT, max_tokens=2)).status_code == 200
-    text = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=HTTP_TIMEOUT).text
+    """vLLM's metric names on Triton's metrics endpoint, exact as soon as the last response is in."""
+    def scrape():
+        return requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=HTTP_TIMEOUT).text
 
-    def value(name):
-        lines = [l for l in text.splitlines() if l.startswith(name + "{") and 'model="llm"' in l]
-        assert lines, f"{name} missing from /metrics"
+    def value(name, text, label='model="llm"'):
+        lines = [l for l in text.splitlines() if l.startswith(name + "{") and 'model="llm"' in l and label in l]
+        assert lines, f"{name} {label} missing from /metrics"
         return float(lines[0].rsplit(" ", 1)[1])
 
+    before = scrape()
+    tokens_before = value("vllm:generation_tokens_total", before) if "vllm:generation_tokens_total{" in before else 0
+    length_before = (value("vllm:request_success_total", before, 'finished_reason="length"')
+                     if "vllm:request_success_total{" in before else 0)
+    for _ in range(2):
+        assert generate(server, greedy(PROMPT, max_tokens=6, ignore_eos=True)).status_code == 200
+    assert generate(server, greedy(PROMPT, max_tokens=2, ignore_eos=True)).status_code == 200
+    text = scrape()   # no wait: counted before the final responses went out
+    assert value("vllm:generation_tokens_total", text) - tokens_before == 14
+    assert value("vllm:request_success_total", text, 'finished_reason="length"') - length_before == 3
+    assert value("vllm:num_requests_running", text) == 0
+    for name in ("time_per_output_token_seconds", "request_params_n", "request_params_max_tokens",
+                 "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds"):
+        assert value(f"vllm:{name}_count", text) >= (1 if name == "time_per_output_token_seconds" else 3), name
+    value = functools.partial(value, text=text)
     assert value("vllm:prompt_tokens_total") > 0
     assert value("vllm:generation_tokens_total") >= 12
     assert value("vllm:time_to_first_token_seconds_count") >= 3

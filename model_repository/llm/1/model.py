@@ -46,16 +46,29 @@ class _Metrics:
                  **dict.fromkeys({**book.HISTOGRAMS, **book.STEP_HISTOGRAMS}, pb_utils.MetricFamily.HISTOGRAM)}
         self.metrics, self.families = {}, []   # a Metric works only while its MetricFamily lives
         for name, kind in kinds.items():
-            family = pb_utils.MetricFamily(name=f"vllm:{name}", description=name.replace("_", " "), kind=kind)
-            self.families.append(family)
+            family = self._family(name, kind)
             buckets = book.HISTOGRAMS.get(name) or book.STEP_HISTOGRAMS.get(name)
             self.metrics[name] = family.Metric(labels=labels, **({"buckets": buckets} if buckets else {}))
+        for name, (label, values) in book.LABELED_COUNTERS.items():
+            family = self._family(name, pb_utils.MetricFamily.COUNTER)
+            for value in values:
+                self.metrics[name, value] = family.Metric(labels={**labels, label: value})
+
+    def _family(self, name, kind):
+        family = pb_utils.MetricFamily(name=f"vllm:{name}", description=name.replace("_", " "), kind=kind)
+        self.families.append(family)
+        return family
 
     def record(self, merged, now, engine):
+        """Before the round's responses go out: a scrape after a final response sees all of it."""
+        finished = False
         for state, entry in merged.items():
             for name, value in self.book.observations(state, entry.output, now):
                 self.metrics[name].observe(value)
-        if self.book.refresh_due(now):
+            for key in self.book.successes(entry.output):
+                self.metrics[key].increment(1)
+            finished = finished or entry.output.finished
+        if self.book.refresh_due(now, force=finished):
             stats = engine.stats()
             for name, delta in self.book.counter_increments(stats).items():
                 self.metrics[name].increment(delta)
@@ -169,6 +182,12 @@ class TritonPythonModel:
             merged, stopping = in_flight.take(self._take_queued())   # one response per request per round
             now = time.monotonic()
             interval = in_flight.cancel_check_interval()
+            if self._metrics is not None:
+                try:
+                    self._metrics.record(merged, now, self.engine)
+                except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
+                    self.logger.log_error(f"llm: metrics disabled after an error: {e}")
+                    self._metrics = None
             for state, entry in merged.items():
                 try:
                     reply = serving.respond(state, entry, now, interval)
@@ -183,12 +202,6 @@ class TritonPythonModel:
             in_flight.forget_done(merged)
             for state in in_flight.cancelled_silent(merged, now, interval):
                 self._reply(state, serving.CANCEL_REPLY)
-            if self._metrics is not None:
-                try:
-                    self._metrics.record(merged, now, self.engine)
-                except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
-                    self.logger.log_error(f"llm: metrics disabled after an error: {e}")
-                    self._metrics = None
             rest = serving.sender_rest(time.monotonic() - now, stopping)
             if rest:
                 time.sleep(rest)
