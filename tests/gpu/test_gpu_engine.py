@@ -204,3 +204,19 @@ def test_latency_target_calibrates_at_start_and_keeps_outputs_fp32(tiny_checkpoi
     assert ids(run_staggered(engine, prompts, greedy(20), every=2)) == ids(plain)
     samples = engine.take_step_samples()
     assert samples and all(0 < seconds < 1 for _, seconds in samples)
+
+
+def test_logprobs_on_gpu_equal_cpu_fp32(tiny_checkpoints):
+    """The device path (packed rows, one host copy, async scheduling) gives the CPU engine's logprobs."""
+    path = tiny_checkpoints["llama"]
+    prompts = prompt_set(6, seed=14)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    cpu = make_engine(path).generate(prompts, params)
+    dev = gpu(path, dtype="float32").generate(prompts, params)
+    for c, g in zip(cpu, dev):
+        assert g.token_ids == c.token_ids
+        assert g.samples[0].cumulative_logprob == pytest.approx(c.samples[0].cumulative_logprob, abs=1e-3)
+        for mc, mg in zip(c.samples[0].logprobs, g.samples[0].logprobs):
+            assert set(mg) == set(mc)
+            for t in mc:
+                assert mg[t]["rank"] == mc[t]["rank"] and mg[t]["logprob"] == pytest.approx(mc[t]["logprob"], abs=1e-3)
