@@ -4,8 +4,9 @@ Two model.py files load this class: model_repository/llm/1/model.py (backend "py
 settings as config.pbtxt parameters) and the Python-based backend `vllm` that tools/serve.py
 installs (triton_glue/vllm/model.py: repositories written for Triton's vLLM backend, engine
 arguments in <model>/<version>/model.json). Inputs and outputs follow Triton's vLLM backend
-(backend/io_spec.py); auto_complete_config declares them where config.pbtxt does not. The logic lives in the package
-`backend` (serving.py: parsing, responses, merging, metrics); this file moves data to and from pb_utils:
+(backend/io_spec.py); auto_complete_config declares them where config.pbtxt does not.
+
+The logic lives in the package `backend` (serving.py: parsing, responses, merging, metrics); this file moves data to and from pb_utils:
 execute() reads each request's tensors and hands it to a submit thread (parse, tokenize, add to the
 engine); the engine thread puts outputs on a queue; the sender thread sends what serving.respond()
 decides (a request's queued outputs merged into one response) and polls cancellation; finalize()
