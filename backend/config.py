@@ -1,6 +1,8 @@
-"""EngineConfig: the engine's settings, with vLLM's names, parsed and validated from strings."""
+"""EngineConfig: the engine's settings, with vLLM's names, parsed and validated from Triton's string
+parameters (config.pbtxt) or from a model.json of vLLM engine arguments (Triton's vLLM backend)."""
 import json
 import os
+from typing import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -59,6 +61,45 @@ class EngineConfig:
         config.validate()
         return config
 
+    @classmethod
+    def from_engine_args(cls, engine_args: dict, model_dir: str, warn: Callable[[str], None] = lambda msg: None,
+                         cwd: str | None = None) -> "EngineConfig":
+        """Build from vLLM engine arguments, as Triton's vLLM backend reads them from model.json
+        (`model_dir`: the folder holding it). JSON values keep their types (true, 0.5, 256); null
+        means the default. A key this engine does not know is refused with its name, unless it is
+        one of IGNORED_ENGINE_ARGS (no effect on results: `warn` names it) or one of
+        NOOP_ENGINE_ARGS at a value that changes nothing. Relative `model` and `tokenizer` paths
+        are looked up in the server's working directory first (where vLLM looks), then in `model_dir`."""
+        if not isinstance(engine_args, dict):
+            raise ValueError(f"engine arguments must be a JSON object, got {type(engine_args).__name__}")
+        known = {f.name: f for f in fields(cls) if f.init}
+        kwargs, ignored = {}, []
+        for key, value in engine_args.items():
+            if key in known:
+                if value is not None:
+                    kwargs[key] = _from_json(key, value, known[key].type)
+            elif key in IGNORED_ENGINE_ARGS:
+                ignored.append(key)
+            elif key in NOOP_ENGINE_ARGS:
+                if value is not None and not any(_same(value, ok) for ok in NOOP_ENGINE_ARGS[key]):
+                    raise ValueError(f"engine argument '{key}' is not supported except as "
+                                     f"{' or '.join(json.dumps(v) for v in NOOP_ENGINE_ARGS[key])}, got {json.dumps(value)}")
+                ignored.append(key)
+            else:
+                raise ValueError(f"unsupported engine argument '{key}' (supported: {', '.join(sorted(known))}; "
+                                 f"ignored, as they do not change results: {', '.join(sorted(IGNORED_ENGINE_ARGS))})")
+        if ignored:
+            warn(f"engine arguments ignored (they change nothing here): {', '.join(ignored)}")
+        kwargs["dtype"] = DTYPE_ALIASES.get(kwargs.get("dtype"), kwargs.get("dtype", "auto"))
+        if kwargs.get("load_format") == "safetensors":
+            kwargs["load_format"] = "auto"
+        config = cls(**kwargs)
+        for key in ("model", "tokenizer"):
+            if getattr(config, key):
+                setattr(config, key, _resolve_dir(key, getattr(config, key), model_dir, cwd or os.getcwd()))
+        config.validate()
+        return config
+
     def validate(self):
         def check(ok, name, what):
             if not ok:
@@ -109,6 +150,98 @@ class EngineConfig:
         if self.torch_device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+
+
+# vLLM engine arguments that do not change what the engine computes, accepted and ignored.
+IGNORED_ENGINE_ARGS = {
+    "disable_log_stats": "logging",
+    "disable_log_requests": "logging",
+    "enable_log_requests": "logging",
+    "max_log_len": "logging",
+    "served_model_name": "Triton names the model after its folder",
+    "trust_remote_code": "no code from the checkpoint runs: the architectures are built in",
+    "disable_custom_all_reduce": "speed only",
+    "distributed_executor_backend": "tensor-parallel ranks are always this engine's own processes",
+    "swap_space": "a preempted request is recomputed, never swapped",
+}
+# vLLM engine arguments accepted only at the values that leave this engine as it is.
+NOOP_ENGINE_ARGS = {
+    "pipeline_parallel_size": (1,),
+    "enable_lora": (False,),
+    "quantization": (None,),
+    "kv_cache_dtype": ("auto",),
+    "tokenizer_mode": ("auto",),
+    "enable_chunked_prefill": (True,),   # prompts are always chunked
+}
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+# Parameters in config.pbtxt that Triton's vLLM backend reads itself; with a model.json they are
+# accepted and ignored (metrics and the health check here are always on).
+VLLM_BACKEND_PARAMETERS = ("REPORT_CUSTOM_METRICS", "ENABLE_VLLM_HEALTH_CHECK")
+ENGINE_ARGS_FILE = "model.json"
+
+
+def engine_config_for_model(model_config: dict, model_dir: str, version, warn: Callable[[str], None] = lambda m: None,
+                            cwd: str | None = None) -> EngineConfig:
+    """The EngineConfig of a Triton model (`model_config`: its configuration as JSON; `model_dir`:
+    its folder). With <model_dir>/<version>/model.json (a repository written for Triton's vLLM
+    backend), the settings come from that file (vLLM engine arguments); otherwise from the
+    config's string `parameters`. A model with backend "vllm" must have a model.json."""
+    params = {key: value.get("string_value", "") if isinstance(value, dict) else str(value)
+              for key, value in (model_config.get("parameters") or {}).items()}
+    path = os.path.join(model_dir, str(version), ENGINE_ARGS_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                engine_args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not readable as JSON: {e}") from None
+        for key in params:
+            if key not in VLLM_BACKEND_PARAMETERS and key != "EXECUTION_ENV_PATH":
+                raise ValueError(f"parameter '{key}' in config.pbtxt: this model's engine settings are in "
+                                 f"{path} (vLLM engine arguments), and only there")
+        if any(key in VLLM_BACKEND_PARAMETERS for key in params):
+            warn(f"config.pbtxt parameters ignored: {', '.join(k for k in params if k in VLLM_BACKEND_PARAMETERS)}")
+        try:
+            return EngineConfig.from_engine_args(engine_args, os.path.dirname(path), warn=warn, cwd=cwd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if model_config.get("backend") == "vllm":
+        raise ValueError(f"{path} is missing: a model of backend \"vllm\" names its vLLM engine arguments there")
+    return EngineConfig.from_parameters(params, model_dir_base=model_dir)
+
+
+def _resolve_dir(key, path, model_dir, cwd):
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        return path
+    for base in (cwd, model_dir):
+        if os.path.isdir(os.path.join(base, path)):
+            return os.path.abspath(os.path.join(base, path))
+    raise ValueError(f"engine argument '{key}': no directory {path!r} in the server's working directory ({cwd}) "
+                     f"or in {model_dir} (a Hugging Face Hub name is not downloaded: download the checkpoint "
+                     "and name its directory)")
+
+
+def _same(value, ok):
+    return type(value) is type(ok) and value == ok or (isinstance(ok, bool) and str(value).lower() == str(ok).lower())
+
+
+def _from_json(key, value, typ):
+    """A JSON value for a field of type `typ`: numbers and booleans as they are (a boolean is no
+    number), strings as in config.pbtxt; anything else is refused with the key's name."""
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ) if isinstance(typ, str) else typ
+    if isinstance(value, str):
+        if typ is str:
+            return value.strip()
+        return _convert(key, value.strip(), typ)
+    if isinstance(value, bool):
+        if typ is bool:
+            return value
+        if typ is str and key == "async_scheduling":
+            return "true" if value else "false"
+    elif isinstance(value, (int, float)) and typ in (int, float):
+        return _convert(key, value, typ)
+    raise ValueError(f"engine argument '{key}' must be {typ.__name__}, got {json.dumps(value)}")
 
 
 def _convert(key, value, typ):

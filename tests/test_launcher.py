@@ -53,12 +53,40 @@ def test_ready_url_reaches_wildcard_addresses_through_loopback():
     assert url("10.1.2.3") == "http://10.1.2.3:9/v2/health/ready"
 
 
-def test_a_server_image_with_its_stub_in_place_is_used_without_a_copy(tmp_path):
-    python = tmp_path / "root" / "backends" / "python"
+def test_a_server_image_with_its_stub_in_place_is_linked_not_copied_and_gets_our_vllm(tmp_path):
+    backends = tmp_path / "root" / "backends"
+    python = backends / "python"
     python.mkdir(parents=True)
     (python / "triton_python_backend_stub").write_text("")
     (python / "libtriton_python.so").write_text("")
-    assert serve.prepare_backends(str(tmp_path / "root"), str(tmp_path / "work")) == str(tmp_path / "root" / "backends")
+    (backends / "onnxruntime").mkdir()
+    (backends / "vllm").mkdir()            # an image's own vLLM backend: ours takes its place
+    (backends / "vllm" / "model.py").write_text("theirs")
+    dest = serve.prepare_backends(str(tmp_path / "root"), str(tmp_path / "work"))
+    assert dest.startswith(str(tmp_path / "work"))
+    assert os.path.realpath(os.path.join(dest, "python")) == str(python)
+    assert os.path.realpath(os.path.join(dest, "onnxruntime")) == str(backends / "onnxruntime")
+    assert not os.path.islink(os.path.join(dest, "vllm"))
+    assert open(os.path.join(dest, "vllm", "model.py")).read() == open(serve.VLLM_BACKEND).read()
+    assert (backends / "vllm" / "model.py").read_text() == "theirs"      # the image is left as it is
+    assert serve.prepare_backends(str(tmp_path / "root"), str(tmp_path / "work")) == dest   # reused
+
+
+def test_the_wheels_backends_are_copied_with_the_stub_and_our_vllm(tmp_path):
+    root = tmp_path / "root"
+    (root / "backends" / "python").mkdir(parents=True)
+    (root / "backends" / "python" / "libtriton_python.so").write_text("lib")
+    stubs = root / "python_backend_stubs" / serve.PYVER
+    stubs.mkdir(parents=True)
+    (stubs / "triton_python_backend_stub").write_text("stub")
+    dest = serve.prepare_backends(str(root), str(tmp_path / "work"))
+    assert open(os.path.join(dest, "python", "triton_python_backend_stub")).read() == "stub"
+    vllm = os.path.join(dest, "vllm", "model.py")
+    assert open(vllm).read() == open(serve.VLLM_BACKEND).read()
+    with open(vllm, "w") as f:             # an older copy is brought up to date at the next launch
+        f.write("old")
+    assert serve.prepare_backends(str(root), str(tmp_path / "work")) == dest
+    assert open(vllm).read() == open(serve.VLLM_BACKEND).read()
 
 
 def test_process_helpers_see_a_child():

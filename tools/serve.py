@@ -18,9 +18,14 @@ Safe defaults: the server listens on 127.0.0.1; the shared-memory, model-reposit
 trace APIs need the header `llm-admin-key: $LLM_ADMIN_KEY` (without the variable, a random key
 that nobody knows). tritonserver runs as a child that supervisor.py restarts when its
 Python-backend stub dies or it crashes; stopping the launcher stops it and leaves nothing behind.
+
+The backend directory also gets a Python-based backend `vllm` (triton_glue/vllm/model.py): a model
+repository written for Triton's vLLM backend (config.pbtxt `backend: "vllm"`, 1/model.json of vLLM
+engine arguments) loads unchanged, served by this engine.
 """
 import argparse
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -40,6 +45,9 @@ ADMIN_KEY_ENV = "LLM_ADMIN_KEY"
 # change what the server writes to disk. Inference, health, metadata, model config and statistics
 # stay open (perf_analyzer and genai-perf read the last two).
 ADMIN_APIS = "shared-memory,model-repository,logging,trace"
+# Our Python-based backend for repositories written for Triton's vLLM backend (backend: "vllm").
+VLLM_BACKEND_NAME = "vllm"
+VLLM_BACKEND = os.path.join(REPO, "triton_glue", "vllm", "model.py")
 
 
 def find_server_root():
@@ -77,31 +85,63 @@ def _tree_signature(path):
 
 
 def prepare_backends(root, work_dir):
-    """Copy root/backends to work_dir/backends-<py> with the stub of this Python in backends/python."""
+    """A backend directory for tritonserver under work_dir: root/backends with the stub of this
+    Python in backends/python (copied), or, for a server image that already carries its stub,
+    links to root/backends' folders; in both, our Python-based backend `vllm` (VLLM_BACKEND)."""
     stub = os.path.join(root, "python_backend_stubs", PYVER, "triton_python_backend_stub")
     existing = os.path.join(root, "backends", "python", "triton_python_backend_stub")
     if not os.path.isfile(stub):
         if os.path.isfile(existing):
-            return os.path.join(root, "backends")  # a server image that already carries its stub
-        else:
-            sys.exit(f"serve.py: no Python backend stub for Python {PYVER} under {root}")
+            dest = _linked_backends(root, work_dir)  # a server image that already carries its stub
+            install_vllm_backend(dest)
+            return dest
+        sys.exit(f"serve.py: no Python backend stub for Python {PYVER} under {root}")
     signature = "\n".join([_tree_signature(os.path.join(root, "backends", "python", "libtriton_python.so")),
                            _tree_signature(stub)])
     dest = os.path.join(work_dir, f"backends-py{PYVER}")
     stamp = os.path.join(dest, ".source")
+    if not (os.path.isfile(stamp) and open(stamp).read() == signature):
+        os.makedirs(work_dir, exist_ok=True)
+        # Build beside the target and rename into place, so that two launches at once don't clash.
+        tmp = tempfile.mkdtemp(prefix=".backends-", dir=work_dir)
+        shutil.copytree(os.path.join(root, "backends"), os.path.join(tmp, "b"), symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        target_stub = os.path.join(tmp, "b", "python", "triton_python_backend_stub")
+        if os.path.abspath(stub) != os.path.abspath(existing):
+            shutil.copy2(stub, target_stub)
+        os.chmod(target_stub, 0o755)
+        with open(os.path.join(tmp, "b", ".source"), "w") as f:
+            f.write(signature)
+        _publish(os.path.join(tmp, "b"), dest, work_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+    install_vllm_backend(dest)
+    return dest
+
+
+def _linked_backends(root, work_dir):
+    """work_dir/backends-linked-<root>: a link to each backend of root/backends (the image's own
+    `vllm`, if any, left out: install_vllm_backend puts ours in its place)."""
+    source = os.path.join(root, "backends")
+    signature = "\n".join([os.path.abspath(source)] + sorted(os.listdir(source)))
+    dest = os.path.join(work_dir, "backends-linked-" + hashlib.sha256(signature.encode()).hexdigest()[:12])
+    stamp = os.path.join(dest, ".source")
     if os.path.isfile(stamp) and open(stamp).read() == signature:
         return dest
     os.makedirs(work_dir, exist_ok=True)
-    # Build beside the target and rename into place, so that two launches at once don't clash.
     tmp = tempfile.mkdtemp(prefix=".backends-", dir=work_dir)
-    shutil.copytree(os.path.join(root, "backends"), os.path.join(tmp, "b"), symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    target_stub = os.path.join(tmp, "b", "python", "triton_python_backend_stub")
-    if os.path.abspath(stub) != os.path.abspath(existing):
-        shutil.copy2(stub, target_stub)
-    os.chmod(target_stub, 0o755)
+    os.mkdir(os.path.join(tmp, "b"))
+    for name in os.listdir(source):
+        if name != VLLM_BACKEND_NAME:
+            os.symlink(os.path.abspath(os.path.join(source, name)), os.path.join(tmp, "b", name))
     with open(os.path.join(tmp, "b", ".source"), "w") as f:
         f.write(signature)
+    _publish(os.path.join(tmp, "b"), dest, work_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _publish(built, dest, work_dir):
+    """Rename the folder `built` to `dest`, replacing an older one; another launch that won the race keeps its own."""
     old = None
     if os.path.exists(dest):
         old = tempfile.mkdtemp(prefix=".old-", dir=work_dir)
@@ -110,13 +150,30 @@ def prepare_backends(root, work_dir):
         except OSError:
             pass
     try:
-        os.rename(os.path.join(tmp, "b"), dest)
+        os.rename(built, dest)
     except OSError:  # another launch won the race: use its copy
         pass
-    shutil.rmtree(tmp, ignore_errors=True)
     if old:
         shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+
+def install_vllm_backend(backends):
+    """Put our Python-based backend `vllm` in the backend directory: Triton runs
+    <backends>/vllm/model.py with backends/python's library and stub for each model whose
+    config.pbtxt says backend: "vllm" (a repository written for Triton's vLLM backend)."""
+    folder = os.path.join(backends, VLLM_BACKEND_NAME)
+    target = os.path.join(folder, "model.py")
+    code = open(VLLM_BACKEND).read()
+    if os.path.islink(folder):
+        os.unlink(folder)
+    if os.path.isfile(target) and not os.path.islink(target) and open(target).read() == code:
+        return
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".py", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(code)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
 
 
 def parse_args(argv):

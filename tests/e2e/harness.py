@@ -75,9 +75,9 @@ class Server:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def wait_ready(self, timeout=READY_TIMEOUT_S):
+    def wait_ready(self, timeout=READY_TIMEOUT_S, model=MODEL_NAME):
         deadline = time.monotonic() + timeout
-        url = f"{self.http_url}/v2/models/{MODEL_NAME}/ready"
+        url = f"{self.http_url}/v2/models/{model}/ready"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"tritonserver exited with {self.proc.returncode} before the model was ready; "

@@ -1,0 +1,20 @@
+"""The Python-based backend `vllm`: tools/serve.py copies this file to <backend-directory>/vllm/model.py,
+so that a model repository written for Triton's vLLM backend (config.pbtxt `backend: "vllm"`,
+<version>/model.json of vLLM engine arguments) loads unchanged on this engine. The glue is the one of
+model_repository/llm (triton_glue/model.py)."""
+import os
+import sys
+
+# Triton's Python stub leaves PYTHONPATH out of sys.path: put its folders (tools/serve.py names this
+# checkout there) after the working directory's entry, where Python would have put them.
+for _folder in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+    if _folder not in sys.path:
+        sys.path.insert(1 if sys.path[:1] == [""] else 0, _folder)
+
+try:
+    from triton_glue.model import TritonPythonModel  # noqa: F401
+except ModuleNotFoundError as e:
+    if e.name != "triton_glue":
+        raise
+    raise ModuleNotFoundError(f"{e}: install the engine package (`pip install -e .` in the repository, as "
+                              "`make install` does) or start the server with tools/serve.py") from e
