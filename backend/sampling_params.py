@@ -329,7 +329,11 @@ def _logit_bias(key, value):
         raise ValueError(f"'{key}' may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
     biases = {}
     for token, bias in value.items():
-        biases[_int(key, token)] = _float(key, bias)   # "7" and "7.0" are the same id: the last wins
+        try:
+            token_id = _int(key, token)
+        except ValueError:
+            raise ValueError(f"'{key}' keys must be token ids, got {_show(token)}") from None
+        biases[token_id] = _float(key, bias)   # "7" and "7.0" are the same id: the last wins
     return biases
 
 
