@@ -39,8 +39,14 @@ def _has_penalties(p) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
+def _on(device, values: list, dtype=torch.long) -> torch.Tensor:
+    """A small host list on the device. non_blocking: a copy from pageable memory is staged at once
+    and does not wait for the work queued on the stream (the forward pass), as a blocking one would."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _index(values: list, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return _on(device, values)
 
 
 def _allowed_token_ids(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
@@ -78,7 +84,7 @@ def _logit_bias(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     biases = [b for _, seq in todo for b in seq.params.logit_bias.values()]
     # (row, token) pairs are distinct (dict keys), so accumulate adds each bias once
     logits.index_put_((_index(rows, dev), _index(tokens, dev)),
-                      torch.tensor(biases, dtype=logits.dtype, device=dev), accumulate=True)
+                      _on(dev, biases, logits.dtype), accumulate=True)
 
 
 def _penalties(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
@@ -102,11 +108,11 @@ def _penalties(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     if seen_rows:
         seen = torch.zeros(len(todo), vocab, dtype=torch.bool, device=dev)
         seen[_index(seen_rows, dev), _index(seen_tokens, dev)] = True
-        rep = torch.tensor([seq.params.repetition_penalty for _, seq in todo], dtype=x.dtype, device=dev)
+        rep = _on(dev, [seq.params.repetition_penalty for _, seq in todo], x.dtype)
         rep = torch.where(seen, rep.unsqueeze(1), torch.ones((), dtype=x.dtype, device=dev))
         x = torch.where(x > 0, x / rep, x * rep)
-    freq = torch.tensor([seq.params.frequency_penalty for _, seq in todo], dtype=x.dtype, device=dev)
-    pres = torch.tensor([seq.params.presence_penalty for _, seq in todo], dtype=x.dtype, device=dev)
+    freq = _on(dev, [seq.params.frequency_penalty for _, seq in todo], x.dtype)
+    pres = _on(dev, [seq.params.presence_penalty for _, seq in todo], x.dtype)
     x = x - freq.unsqueeze(1) * counts
     x = x - pres.unsqueeze(1) * (counts > 0).to(x.dtype)
     logits[rows] = x
