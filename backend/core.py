@@ -63,7 +63,9 @@ class EngineCore:
             config.async_scheduling == "auto" and config.torch_device.type == "cuda"))
         self.requests: dict[str, SequenceGroup] = {}
         self.in_flight: StepResult | None = None
-        self.num_forking = 0    # requests with n > 1 or beams: while any is in flight, steps are synchronous
+        # requests with n > 1 or beams, or penalties / bad_words (SequenceGroup.steps_synchronously):
+        # while any is in flight, steps are synchronous
+        self.num_forking = 0
         self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
         self.num_generation_tokens = 0
         self._touched: list[SequenceGroup] = []
@@ -80,7 +82,7 @@ class EngineCore:
         group = SequenceGroup(seq)
         self.requests[request.request_id] = group
         self.num_prompt_tokens += seq.num_prompt_tokens
-        self.num_forking += group.forks
+        self.num_forking += group.steps_synchronously
         self.scheduler.add(seq)
 
     def abort(self, request_id: str):
@@ -270,7 +272,7 @@ class EngineCore:
 
     def _retire(self, group: SequenceGroup):
         if self.requests.pop(group.request_id, None) is not None:
-            self.num_forking -= group.forks
+            self.num_forking -= group.steps_synchronously
 
     def fail_all(self, error: str | None) -> list[CoreOutput]:
         """Finish every request as aborted (with `error`, if any): after a failed step, at shutdown."""

@@ -21,20 +21,50 @@ def new_state(num_prompt_tokens: int) -> DetokenizerState:
 
 
 def fast_decoder(tokenizer):
-    """The Rust tokenizer's decode where there is one (skips transformers' per-call conversions)."""
+    """decode(ids, skip_special_tokens=True, spaces_between_special_tokens=True) -> str: the Rust
+    tokenizer's decode where there is one (skips transformers' per-call conversions).
+
+    With skip_special_tokens false, the text is built as vLLM's detokenizer (and transformers'
+    slow decode) builds it: the runs of ordinary tokens are decoded apart, each added token is its
+    own piece, and the pieces are joined with a space when spaces_between_special_tokens, else
+    with nothing. (HF tokenizers' own decode has no such flag.)"""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return lambda ids, skip_special_tokens=True: backend.decode(ids, skip_special_tokens=skip_special_tokens)
-    return tokenizer.decode
+        def plain(ids, skip_special_tokens=True):
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        added = backend.get_added_tokens_decoder()
+    else:
+        plain = tokenizer.decode
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+    added = {i: t.content for i, t in added.items()}
+
+    def decode(ids, skip_special_tokens=True, spaces_between_special_tokens=True):
+        if skip_special_tokens or added.keys().isdisjoint(ids):
+            return plain(ids, skip_special_tokens=skip_special_tokens)
+        pieces, run = [], []
+        for t in ids:
+            if t in added:
+                if run:
+                    pieces.append(plain(run, skip_special_tokens=False))
+                    run = []
+                pieces.append(added[t])
+            else:
+                run.append(t)
+        if run:
+            pieces.append(plain(run, skip_special_tokens=False))
+        return (" " if spaces_between_special_tokens else "").join(pieces)
+
+    return decode
 
 
 def decode_delta(decode, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True,
-                 end: int | None = None) -> str:
+                 end: int | None = None, spaces_between_special_tokens=True) -> str:
     """Text added by the tokens past state.read_offset, up to token_ids[:end] (prompt + output);
     decode is fast_decoder(tokenizer)."""
     end = len(token_ids) if end is None else end
-    prefix = decode(token_ids[state.prefix_offset:state.read_offset], skip_special_tokens=skip_special_tokens)
-    full = decode(token_ids[state.prefix_offset:end], skip_special_tokens=skip_special_tokens)
+    flags = dict(skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=spaces_between_special_tokens)
+    prefix = decode(token_ids[state.prefix_offset:state.read_offset], **flags)
+    full = decode(token_ids[state.prefix_offset:end], **flags)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
         return ""
     state.prefix_offset, state.read_offset = state.read_offset, end

@@ -5,6 +5,7 @@ caller's thread so that a bad request fails at once, then queued for the loop th
 alone drives the parts: inbox -> EngineCore.step (token ids) -> OutputProcessor (text, stop
 strings) -> each request's callback. Callbacks must not block.
 """
+import dataclasses
 import heapq
 import json
 import logging
@@ -77,13 +78,23 @@ class LLMEngine:
         error when it has not finished by then (Triton's request timeout)."""
         self._check_admission()   # before any work on a request that would be refused anyway
         if prompt_token_ids is None:
-            self._check_prompt_length(prompt)
+            if not prompt:   # vLLM refuses an empty prompt too (even where the tokenizer adds a BOS)
+                raise ValueError("'text_input' is empty: the prompt must not be empty")
+            if params.truncate_prompt_tokens is None:   # truncated, the whole prompt may be long
+                self._check_prompt_length(prompt)
             prompt_token_ids = self.tokenizer.encode(prompt)
         else:
             prompt_token_ids = list(prompt_token_ids)
+            if not prompt_token_ids:
+                raise ValueError("'prompt_token_ids' is empty: the prompt must not be empty")
             if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt_token_ids):
                 raise ValueError(f"'prompt_token_ids' must be token ids in [0, {self.vocab_size})")
         ids = prompt_token_ids
+        if params.truncate_prompt_tokens is not None:   # vLLM: keep the last k tokens
+            ids = ids[-params.truncate_prompt_tokens:]
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=tokenize_bad_words(params.bad_words,
+                                                                                        self.tokenizer))
         self._check_fits(ids, params)
         check_token_ids(params, self.vocab_size)
         request = EngineCoreRequest(request_id, ids, params)
@@ -252,6 +263,22 @@ class LLMEngine:
             self._thread = None
         self._fail_all(None)
         self.core.shutdown()
+
+
+def tokenize_bad_words(words: list[str], tokenizer) -> list[list[int]]:
+    """vLLM's bad-word token sequences: each word without special tokens as it reads at the start
+    of a text, and with a leading space (mid-text) where that is a different first token of the
+    same length. (A word that tokenizes to nothing is dropped: it can never be generated.)"""
+    sequences = []
+    for word in words:
+        word = word.lstrip()
+        plain = tokenizer.encode(word, add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+        if plain:
+            sequences.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+    return sequences
 
 
 def eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:

@@ -112,7 +112,8 @@ class OutputProcessor:
             sample.text, sample.num_sent_chars = "", 0
             sample.ids += update.new_token_ids
             if p.detokenize:
-                sample.text = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens)
+                sample.text = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens,
+                                          spaces_between_special_tokens=p.spaces_between_special_tokens)
         else:
             for i, token in enumerate(update.new_token_ids):
                 sample.ids.append(token)
@@ -120,7 +121,8 @@ class OutputProcessor:
                     sample.logprobs.append(as_vllm_dict(update.logprobs[i], self._token_text))
                 old_len = len(sample.text)
                 if p.detokenize:
-                    sample.text += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens)
+                    sample.text += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens,
+                                                spaces_between_special_tokens=p.spaces_between_special_tokens)
                 if p.stop and self._stop_string(sample, p, old_len):
                     sample.finish_reason = "stop"
                     return True

@@ -1,5 +1,8 @@
 """Sampler: logits -> next token ids (greedy, temperature, top-k, top-p, min-p, per-request seeds).
 
+Penalties, logit_bias, allowed_token_ids and bad_words (backend/logits_processors.py) change the
+rows that ask for them first, then stop ids are masked before min_tokens.
+
 One batched pass: greedy rows take the argmax; random rows are filtered (top-k, top-p, min-p
 only when some row asks for them, so no full-vocabulary sort otherwise) and drawn as
 argmax(probs / Exp(1) noise), which needs no torch.multinomial renormalisation or host sync.
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import logprobs
+from backend.logits_processors import apply_logits_processors
 from backend.logprobs import TokenLogprobs, unpack
 from backend.sequence import Sequence
 
@@ -105,6 +109,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
         """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i.
         Returns the token ids on logits' device (no host sync)."""
+        logits = apply_logits_processors(logits, seqs)   # penalties, bias, ...: only rows that ask
         for i, ids in enumerate(masked_ids):
             if ids:
                 logits[i, list(ids)] = float("-inf")

@@ -10,6 +10,7 @@ import math
 import re
 import reprlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from decimal import Decimal, InvalidOperation
 
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a tinier
@@ -25,6 +26,20 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256        # checked per generated token (and masked before min_tokens)
 MAX_LOGPROBS = 20               # vLLM's default max_logprobs: the top-k gather is sized by the largest asked
 MAX_NUMBER_CHARS = 64           # a number sent as text; longer is refused before any parsing
+# Logits processors (backend/logits_processors.py) build index tensors from these every step of the
+# request, and bad words are matched on the host against the output's tail per token: 1024 ids or
+# biases and 128 words (vLLM's own per-request cap for bad words) keep that a few microseconds
+# per token and a few kilobytes copied to the device, while a million entries would stall every step.
+MAX_LOGIT_BIAS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1024
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
+MAX_PENALTY = 2.0               # presence_penalty and frequency_penalty are in [-2, 2] (vLLM, OpenAI)
+MAX_LOGIT_BIAS_VALUE = 100.0    # each bias in [-100, 100] (OpenAI's range)
+# repetition_penalty divides or multiplies fp32 logits: outside float32's normal range it would
+# turn them into inf, 0 or NaN.
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e+38
+UNTIL_MAX_MODEL_LEN = INT64_MAX  # max_tokens: null (vLLM: generate until max_model_len)
 
 _NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 _INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
@@ -51,13 +66,23 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool = False
     priority: int = 0
+    presence_penalty: float = 0.0      # over the output so far: logits -= presence_penalty * (count > 0)
+    frequency_penalty: float = 0.0     # over the output so far: logits -= frequency_penalty * count
+    repetition_penalty: float = 1.0    # over prompt + output: logits > 0 divided by it, others multiplied
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None   # only these may be drawn
+    bad_words: list[str] = field(default_factory=list)
+    truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
+    spaces_between_special_tokens: bool = True   # with skip_special_tokens false: " ".join around them
     logprobs: int | None = None        # the sampled token's log-prob plus this many most likely ones
-    # Not a vLLM option: the front sets it when a caller wants cumulative_logprob without logprobs.
+    # Not request fields. bad_words as token-id sequences (vLLM's _bad_words_token_ids), set by the
+    # engine at admission with the model's tokenizer (backend.engine.tokenize_bad_words); and
+    # cumulative_logprob, set by the front when a caller wants it without logprobs.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
     cumulative_logprob: bool = False
 
     # Options vLLM has that we do not implement yet: accepted only at their no-op value.
-    UNSUPPORTED = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                   "prompt_logprobs": None}
+    UNSUPPORTED = {"prompt_logprobs": None}
 
     @property
     def beam_width(self) -> int:
@@ -72,6 +97,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
 
+    @cached_property
+    def needs_output_history(self) -> bool:
+        """Its logits depend on the tokens generated so far (penalties, bad words): the host must
+        know every one of them when it samples, so the engine steps synchronously while it runs."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.bad_words or self.bad_words_token_ids))
+
+    @cached_property
+    def processes_logits(self) -> bool:
+        """Any of the logits processors applies (backend/logits_processors.py)."""
+        return self.needs_output_history or bool(self.logit_bias) or self.allowed_token_ids is not None
+
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         """Unknown keys are ignored (requests carry other parameters beside these)."""
@@ -80,6 +117,8 @@ class SamplingParams:
         kwargs = {}
         for key, value in d.items():
             if value is None:
+                if key == "max_tokens":   # explicitly null: until max_model_len (absent: 16)
+                    kwargs[key] = UNTIL_MAX_MODEL_LEN
                 continue
             if key in cls.UNSUPPORTED:
                 _check_unsupported(key, value, cls.UNSUPPORTED[key])
@@ -121,8 +160,27 @@ class SamplingParams:
               f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
         check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
               f"may hold at most {MAX_STOP_TOKEN_IDS} ids")
-        for name in ("temperature", "top_p", "min_p", "length_penalty"):
+        for name in ("temperature", "top_p", "min_p", "length_penalty", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             check(math.isfinite(getattr(self, name)), name, "must be a finite number")
+        self._validate_logits_processors(check)
+
+    def _validate_logits_processors(self, check):
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(-MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY, name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        check(FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX, "repetition_penalty",
+              "must be > 0 (1: off) and within float32's range")
+        check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"may hold at most {MAX_LOGIT_BIAS} entries")
+        check(all(-MAX_LOGIT_BIAS_VALUE <= b <= MAX_LOGIT_BIAS_VALUE for b in self.logit_bias.values()),
+              "logit_bias", f"values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]")
+        if self.allowed_token_ids is not None:
+            check(0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS, "allowed_token_ids",
+                  f"must hold 1 to {MAX_ALLOWED_TOKEN_IDS} ids")
+        check(len(self.bad_words) <= MAX_BAD_WORDS, "bad_words", f"may hold at most {MAX_BAD_WORDS} words")
+        check(all(isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in self.bad_words),
+              "bad_words", f"must be non-blank strings of at most {MAX_BAD_WORD_CHARS} characters")
+        check(self.truncate_prompt_tokens is None or 1 <= self.truncate_prompt_tokens <= INT64_MAX,
+              "truncate_prompt_tokens", "must be >= 1")
 
     def _validate_beam_search(self, check):
         """Beam search ranks candidates by the model's log-probabilities and draws nothing, so
@@ -134,16 +192,22 @@ class SamplingParams:
         check(self.top_k in (0, -1), "top_k", "does not apply to use_beam_search (0 or -1 only)")
         check(self.top_p == 1, "top_p", "does not apply to use_beam_search (1 only)")
         check(self.min_p == 0, "min_p", "does not apply to use_beam_search (0 only)")
-        check(self.logprobs is None, "logprobs", "is not supported with use_beam_search")
+        # Beams rank the model's log-probabilities as they are: logits processors would be ignored.
+        for name, off in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
+                          ("logit_bias", {}), ("allowed_token_ids", None), ("bad_words", []), ("logprobs", None)):
+            check(getattr(self, name) == off, name, "is not supported with use_beam_search")
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """Raise ValueError naming the field when a token id of the request is outside [0, vocab_size).
     The engine calls it at submission, where the vocabulary is known; an id out of range would
     otherwise fail (or silently wrap around in) the step that indexes the logits with it."""
-    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"'stop_token_ids' must be token ids in [0, {vocab_size}), got {_show(bad)}")
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+                      ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("bad_words", [t for word in params.bad_words_token_ids for t in word])):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"'{name}' must be token ids in [0, {vocab_size}), got {_show(bad)}")
 
 
 # ---------------------------------------------------------------------------------- converters
@@ -244,12 +308,44 @@ def _str_list(key, value):
     return values
 
 
-def _int_list(key, value):
+def _int_list(key, value, limit=MAX_STOP_TOKEN_IDS):
     value = _json_list(value)
     values = value if isinstance(value, list) else [value]
-    if len(values) > MAX_STOP_TOKEN_IDS:   # before converting a million elements
-        raise ValueError(f"'{key}' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(values)}")
+    if len(values) > limit:   # before converting a million elements
+        raise ValueError(f"'{key}' may hold at most {limit} ids, got {len(values)}")
     return [_int(key, v) for v in values]
+
+
+def _allowed_ids(key, value):
+    return _int_list(key, value, MAX_ALLOWED_TOKEN_IDS)
+
+
+def _str_list_bounded(key, value):
+    values = _str_list(key, value)
+    if len(values) > MAX_BAD_WORDS:
+        raise ValueError(f"'{key}' may hold at most {MAX_BAD_WORDS} words, got {len(values)}")
+    return values
+
+
+def _logit_bias(key, value):
+    """{token id: bias}; JSON keys are strings ("50256"), so ids are parsed like integer fields."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):   # sent as a JSON string
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    if not isinstance(value, dict):
+        raise ValueError(f"'{key}' must be an object of token id -> bias, got {_show(value)}")
+    if len(value) > MAX_LOGIT_BIAS:   # before converting a million entries
+        raise ValueError(f"'{key}' may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    biases = {}
+    for token, bias in value.items():
+        try:
+            token_id = _int(key, token)
+        except ValueError:
+            raise ValueError(f"'{key}' keys must be token ids, got {_show(token)}") from None
+        biases[token_id] = _float(key, bias)   # "7" and "7.0" are the same id: the last wins
+    return biases
 
 
 def _check_unsupported(key, value, no_op):
@@ -263,5 +359,7 @@ _CONVERTERS = {
     "max_tokens": _int, "min_tokens": _int, "stop": _str_list, "stop_token_ids": _int_list,
     "ignore_eos": _bool, "skip_special_tokens": _bool, "detokenize": _bool, "include_stop_str_in_output": _bool,
     "use_beam_search": _bool, "best_of": _int, "length_penalty": _float, "early_stopping": _bool,
-    "priority": _int, "logprobs": _int,
+    "priority": _int, "presence_penalty": _float, "frequency_penalty": _float, "repetition_penalty": _float,
+    "logit_bias": _logit_bias, "allowed_token_ids": _allowed_ids, "bad_words": _str_list_bounded,
+    "truncate_prompt_tokens": _int, "spaces_between_special_tokens": _bool, "logprobs": _int,
 }

@@ -117,6 +117,12 @@ class SequenceGroup:
         return self.params.n > 1 or self.params.use_beam_search
 
     @property
+    def steps_synchronously(self) -> bool:
+        """Forks, or reads its own output history when sampling (penalties, bad_words): while it
+        runs, no step may start before the last one's tokens are on the host."""
+        return self.forks or self.params.needs_output_history
+
+    @property
     def is_beam(self) -> bool:
         return self.params.use_beam_search
 

@@ -96,7 +96,10 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=6)
 _PLAUSIBLE = {"_int": st.integers(-2, 40), "_float": st.floats(-0.5, 2.5), "_bool": st.booleans(),
               "_str_list": st.lists(st.sampled_from(["e", " ", "th", "\n", ""]), max_size=3),
-              "_int_list": st.lists(st.integers(-2, 5000), max_size=3)}
+              "_int_list": st.lists(st.integers(-2, 5000), max_size=3),
+              "_allowed_ids": st.lists(st.integers(-2, 5000), max_size=3),
+              "_str_list_bounded": st.lists(st.sampled_from(["e", " ", "th", "\n", "", " be"]), max_size=3),
+              "_logit_bias": st.dictionaries(st.integers(-2, 500).map(str), st.floats(-101, 101), max_size=3)}
 
 
 def _entry(key):

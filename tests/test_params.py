@@ -17,12 +17,51 @@ def test_sampling_params_from_strings():
     ({"temperature": "abc"}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "1.5"}, "max_tokens"),
     ({"top_p": 0}, "top_p"), ({"n": 0}, "n"), ({"n": "65"}, "n"), ({"n": 2, "best_of": 3}, "best_of"),
     ({"use_beam_search": True, "stop": "x"}, "stop"), ({"use_beam_search": "yes"}, "use_beam_search"),
-    ({"ignore_eos": "maybe"}, "ignore_eos"), ({"stop": [1]}, "stop"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"ignore_eos": "maybe"}, "ignore_eos"), ({"stop": [1]}, "stop"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"presence_penalty": "-2.01"}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
+    ({"repetition_penalty": -1}, "repetition_penalty"), ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1.5": 1}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"logit_bias": {"5": "abc"}}, "logit_bias"), ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": ["a"]}, "allowed_token_ids"),
+    ({"allowed_token_ids": list(range(1025))}, "allowed_token_ids"), ({"bad_words": [1]}, "bad_words"),
+    ({"bad_words": [""]}, "bad_words"), ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": ["x"] * 129}, "bad_words"),
+    ({"bad_words": ["x" * 257]}, "bad_words"), ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": "1.5"}, "truncate_prompt_tokens"), ({"spaces_between_special_tokens": "no"},
+                                                                      "spaces_between_special_tokens"),
+    ({"use_beam_search": True, "n": 2, "repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"use_beam_search": True, "n": 2, "logit_bias": {"3": 1}}, "logit_bias"),
+    ({"use_beam_search": True, "n": 2, "bad_words": ["x"]}, "bad_words"),
+    ({"use_beam_search": True, "n": 2, "allowed_token_ids": [3]}, "allowed_token_ids"),
 ])
 def test_sampling_params_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"'{field}'"):
         SamplingParams.from_dict(bad)
+
+
+def test_new_sampling_params_from_json():
+    p = SamplingParams.from_dict({"presence_penalty": "0.5", "frequency_penalty": -1, "repetition_penalty": "1.2",
+                                  "logit_bias": {"5": 100, "7": "-1.5"}, "allowed_token_ids": "[1, 2]",
+                                  "bad_words": "foo", "truncate_prompt_tokens": "3",
+                                  "spaces_between_special_tokens": "false"})
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == {5: 100.0, 7: -1.5} and p.allowed_token_ids == [1, 2] and p.bad_words == ["foo"]
+    assert p.truncate_prompt_tokens == 3 and not p.spaces_between_special_tokens
+    assert p.needs_output_history and p.processes_logits
+    assert SamplingParams.from_dict({"logit_bias": '{"3": 2}'}).logit_bias == {3: 2.0}   # a JSON string
+    plain = SamplingParams.from_dict({"presence_penalty": 0, "repetition_penalty": 1, "allowed_token_ids": None})
+    assert not plain.needs_output_history and not plain.processes_logits
+    only_bias = SamplingParams.from_dict({"logit_bias": {"3": 2}})
+    assert only_bias.processes_logits and not only_bias.needs_output_history
+
+
+def test_max_tokens_null_means_until_max_model_len():
+    from backend.sampling_params import UNTIL_MAX_MODEL_LEN
+    assert SamplingParams.from_dict({}).max_tokens == 16
+    assert SamplingParams.from_dict({"max_tokens": None}).max_tokens == UNTIL_MAX_MODEL_LEN
+    assert SamplingParams.from_dict({"max_tokens": None, "min_tokens": 100}).min_tokens == 100
 
 
 def test_engine_config_from_triton_parameters(tiny_checkpoints, tmp_path):

@@ -87,8 +87,10 @@ def test_prompt_alias_and_text_input_first():
     ({"text_input": text(PROMPT), "sampling_parameters": text("[1]")}, "'sampling_parameters' must be a JSON object"),
     ({"text_input": text(PROMPT), "sampling_parameters": text('{"temperature": "abc"}')},
      "'temperature' must be a finite number, got 'abc'"),
-    ({"text_input": text(PROMPT), "sampling_parameters": text('{"presence_penalty": 0.5}')},
-     "'presence_penalty' is not supported yet"),
+    ({"text_input": text(PROMPT), "sampling_parameters": text('{"presence_penalty": 2.5}')},
+     "'presence_penalty' must be in [-2, 2], got 2.5"),
+    ({"text_input": text(PROMPT), "sampling_parameters": text('{"logit_bias": {"x": 1}}')},
+     "'logit_bias' keys must be token ids, got 'x'"),
     ({"text_input": text(PROMPT), "return_finish_reason": np.array([True, True])},
      "input 'return_finish_reason' must hold exactly one element, got 2"),
 ])

@@ -248,10 +248,21 @@ def test_beam_search(server):
     assert ["".join(e["text_output"][i] for e in events) for i in range(2)] == out["text_output"]
 
 
-def test_unsupported_option(server):
-    r = generate(server, {"prompt": PROMPT, "presence_penalty": 0.5})
-    assert r.status_code == 400, r.text   # not built yet: refused by name, never ignored
-    assert "presence_penalty" in r.json()["error"]
+def test_penalties_and_logit_bias(server):
+    """The logits processors through the server: penalties change greedy text, a bias of +100 forces
+    a token, allowed_token_ids and bad_words travel inside sampling_parameters."""
+    plain = generate(server, greedy(PROMPT, max_tokens=24, ignore_eos=True)).json()["text_output"]
+    r = generate(server, greedy(PROMPT, max_tokens=24, ignore_eos=True, presence_penalty=1.5,
+                                frequency_penalty="1.0", repetition_penalty=1.5))
+    assert r.status_code == 200 and r.json()["text_output"] != plain, r.text
+    body = {"text_input": PROMPT, "exclude_input_in_output": True, "return_num_output_tokens": True,
+            "sampling_parameters": json.dumps({"temperature": 0, "max_tokens": 5, "ignore_eos": True,
+                                               "logit_bias": {"50": 100}, "bad_words": ["the"],
+                                               "allowed_token_ids": [50, 51]})}
+    r = generate(server, body)
+    assert r.status_code == 200 and r.json()["num_output_tokens"] == 5, r.text
+    r = generate(server, {"prompt": PROMPT, "presence_penalty": 3})
+    assert r.status_code == 400 and "presence_penalty" in r.json()["error"], r.text
 
 
 def test_numbers_as_strings(server):
@@ -277,6 +288,7 @@ def test_tiny_temperature_is_greedy(server):
     ({"prompt": PROMPT, "sampling_parameters": "{not json"}, "sampling_parameters"),
     ({"prompt": PROMPT, "sampling_parameters": "[1]"}, "sampling_parameters"),
     ({"temperature": 0}, "text_input"),
+    ({"prompt": ""}, "text_input"),
     ({"prompt": PROMPT, "stream": True, "exclude_input_in_output": False}, "exclude_input_in_output"),
     ({"prompt": "x" * 20000}, "max_model_len"),
     # numbers read exactly (issue 10): each answered 400 naming its field, never 500
