@@ -220,3 +220,16 @@ def test_logprobs_on_gpu_equal_cpu_fp32(tiny_checkpoints):
             assert set(mg) == set(mc)
             for t in mc:
                 assert mg[t]["rank"] == mc[t]["rank"] and mg[t]["logprob"] == pytest.approx(mc[t]["logprob"], abs=1e-3)
+
+
+def test_logits_processors_on_gpu_equal_cpu_fp32(tiny_checkpoints):
+    """Penalties, logit_bias, allowed ids and bad words on the device (index tensors copied to the
+    GPU each step) give the CPU engine's tokens, with async scheduling on."""
+    path = tiny_checkpoints["qwen3"]
+    prompts = prompt_set(5, seed=15)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.4, presence_penalty=0.2, logit_bias={7: 2.0},
+                            allowed_token_ids=list(range(2, 200)))
+    cpu = make_engine(path).generate(prompts, params)
+    dev = gpu(path, dtype="float32").generate(prompts, params)
+    assert ids(dev) == ids(cpu)
