@@ -19,7 +19,7 @@ trace APIs need the header `llm-admin-key: $LLM_ADMIN_KEY` (without the variable
 that nobody knows). tritonserver runs as a child that supervisor.py restarts when its
 Python-backend stub dies or it crashes; stopping the launcher stops it and leaves nothing behind.
 
-The backend directory also gets a Python-based backend `vllm` (triton_glue/vllm/model.py): a model
+The backend directory also gets a Python-based backend `vllm` (model_repository/llm/1/model.py, which serves both): a model
 repository written for Triton's vLLM backend (config.pbtxt `backend: "vllm"`, 1/model.json of vLLM
 engine arguments) loads unchanged, served by this engine.
 """
@@ -47,7 +47,7 @@ ADMIN_KEY_ENV = "LLM_ADMIN_KEY"
 ADMIN_APIS = "shared-memory,model-repository,logging,trace"
 # Our Python-based backend for repositories written for Triton's vLLM backend (backend: "vllm").
 VLLM_BACKEND_NAME = "vllm"
-VLLM_BACKEND = os.path.join(REPO, "triton_glue", "vllm", "model.py")
+VLLM_BACKEND = os.path.join(REPO, "model_repository", "llm", "1", "model.py")   # serves both
 
 
 def find_server_root():

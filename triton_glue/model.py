@@ -2,7 +2,7 @@
 
 Two model.py files load this class: model_repository/llm/1/model.py (backend "python", engine
 settings as config.pbtxt parameters) and the Python-based backend `vllm` that tools/serve.py
-installs (triton_glue/vllm/model.py: repositories written for Triton's vLLM backend, engine
+installs (the same model.py copied: repositories written for Triton's vLLM backend, engine
 arguments in <model>/<version>/model.json). Inputs and outputs follow Triton's vLLM backend
 (backend/io_spec.py); auto_complete_config declares them where config.pbtxt does not.
 
@@ -23,15 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-try:
-    from backend import io_spec, serving
-    from backend.config import engine_config_for_model
-    from backend.engine import LLMEngine
-except ModuleNotFoundError as e:
-    if e.name != "backend":
-        raise
-    raise ModuleNotFoundError(f"{e}: install the engine package (`pip install -e .` in the repository, as "
-                              "`make install` does) or start the server with tools/serve.py") from e
+from backend import io_spec, serving   # the same checkout as triton_glue (model.py's loader saw to it)
+from backend.config import engine_config_for_model
+from backend.engine import LLMEngine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SUBMIT_THREADS = 4   # parsing and tokenizing (the tokenizer lets go of the GIL meanwhile)

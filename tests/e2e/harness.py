@@ -24,6 +24,14 @@ MODEL_NAME = "llm"
 READY_TIMEOUT_S = float(os.environ.get("E2E_READY_TIMEOUT_S", "120"))
 
 
+def grpc_input(name, value, dtype):
+    """A tritonclient gRPC input holding the numpy array `value` (dtype: Triton's name, e.g. "BYTES")."""
+    import tritonclient.grpc as grpcclient
+    tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from .harness import MODEL_NAME, REPO, Server, make_model_repository
+from .harness import MODEL_NAME, REPO, Server, grpc_input, make_model_repository
 
 PROMPT = "The capital of France is"
 HTTP_TIMEOUT = 60
@@ -63,11 +63,7 @@ def grpc_stream(server, prompt, sampling, cancel_after=None, request_id="1", on_
     results = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
 
-    def tensor(name, value, dtype):
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        return t
-
+    tensor = grpc_input
     inputs = [tensor("text_input", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
               tensor("stream", np.array([True]), "BOOL"),
               tensor("exclude_input_in_output", np.array([True]), "BOOL"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from .harness import Server
+from .harness import Server, grpc_input
 
 GOOD, BAD = "vllm_model", "vllm_bad"
 CONFIG_PBTXT = 'backend: "vllm"\ninstance_group [{ kind: KIND_MODEL }]\n'
@@ -68,11 +68,7 @@ def test_grpc_streaming(server):
     results = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
 
-    def tensor(name, value, dtype):
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        return t
-
+    tensor = grpc_input
     inputs = [tensor("text_input", np.array([b"Once upon a time"], dtype=np.object_), "BYTES"),
               tensor("stream", np.array([True]), "BOOL"),
               tensor("return_num_output_tokens", np.array([True]), "BOOL"),

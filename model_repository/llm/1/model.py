@@ -1,5 +1,8 @@
-"""Triton Python-backend model: the glue lives in triton_glue/model.py (shared with the `vllm`
-backend that tools/serve.py installs); the engine in backend/."""
+"""Triton Python-backend model: the glue lives in triton_glue/model.py, the engine in backend/.
+
+The same file is the Python-based backend `vllm`: tools/serve.py copies it to
+<backend-directory>/vllm/model.py, so that a model repository written for Triton's vLLM backend
+(config.pbtxt `backend: "vllm"`, <version>/model.json of vLLM engine arguments) loads unchanged."""
 import os
 import sys
 
