@@ -153,6 +153,7 @@ class EngineCore:
             timing = self.step_timer.start()
             result = self.runner.run(out, self._sampling_batch(out), self.in_flight)
             result.step = (out.total_tokens, out.attention, self.step_timer.stop(timing))
+            self._keep_prompt_logprobs(result.prompt_logprobs)
             self.scheduler.advance(out)
             self._count_in_flight(result)
         if synchronous:
@@ -183,6 +184,15 @@ class EngineCore:
         if seq.num_output_tokens >= p.min_tokens:
             return _NOTHING
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+    @staticmethod
+    def _keep_prompt_logprobs(found: dict):
+        """Append each chunk's prompt log-probs in position order (a recomputed chunk adds nothing)."""
+        for seq, entries in found.items():
+            kept = seq.group.prompt_logprobs
+            for position, entry in entries:
+                if position == len(kept):
+                    kept.append(entry)
 
     def _count_in_flight(self, result: StepResult):
         for seq in result.seqs:
@@ -267,8 +277,12 @@ class EngineCore:
                                             logprobs=s.unreported_logprobs if s.params.logprobs is not None else None))
                 s.num_reported_tokens = len(s.token_ids)
                 s.unreported_logprobs = []
+        prompt_logprobs = None
+        if group.prompt_logprobs is not None and not group.prompt_logprobs_sent and (
+                len(group.prompt_logprobs) == group.seqs[0].num_prompt_tokens):
+            prompt_logprobs, group.prompt_logprobs_sent = group.prompt_logprobs, True
         return CoreOutput(group.request_id, samples, finished, group.error, group.error_kind,
-                          group.seqs[0].first_scheduled_time)
+                          group.seqs[0].first_scheduled_time, prompt_logprobs)
 
     def _retire(self, group: SequenceGroup):
         if self.requests.pop(group.request_id, None) is not None:

@@ -77,6 +77,8 @@ class LLMEngine:
         EngineUnavailable when the engine cannot take it now. timeout_s: the request ends with an
         error when it has not finished by then (Triton's request timeout)."""
         self._check_admission()   # before any work on a request that would be refused anyway
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("'prompt_logprobs' is not supported with tensor_parallel_size > 1")
         if prompt_token_ids is None:
             if not prompt:   # vLLM refuses an empty prompt too (even where the tokenizer adds a BOS)
                 raise ValueError("'text_input' is empty: the prompt must not be empty")

@@ -45,3 +45,29 @@ def as_vllm_dict(entry: TokenLogprobs, decode) -> dict[int, dict]:
         if token_id not in out:
             out[token_id] = {"logprob": logprob, "rank": rank, "decoded_token": decode(token_id)}
     return out
+
+
+def prompt_chunk_logprobs(seqs, num_new_tokens, hidden: torch.Tensor, compute_logits) -> dict:
+    """For the sequences of a step that asked prompt_logprobs: the log-probs of their prompt tokens
+    whose predecessor is in this step's chunk. hidden holds the step's tokens, packed in seqs' order.
+    Returns {seq: [(position, TokenLogprobs), ...]}; synchronous (only requests that ask pay)."""
+    rows, targets, owners = [], [], []
+    start = 0
+    for seq, n in zip(seqs, num_new_tokens):
+        c, k = seq.num_computed_tokens, seq.params.prompt_logprobs
+        if k is not None:
+            for p in range(c, min(c + n, seq.num_prompt_tokens - 1)):   # token p + 1 given tokens 0..p
+                rows.append(start + p - c)
+                targets.append(seq.token_ids[p + 1])
+                owners.append((seq, p + 1, k))
+        start += n
+    if not rows:
+        return {}
+    device = hidden.device
+    top_k = max(k for *_, k in owners)
+    logits = compute_logits(hidden[torch.tensor(rows, device=device)])
+    packed = compute(logits, torch.tensor(targets, device=device), top_k).tolist()
+    found: dict = {}
+    for (seq, position, k), row, target in zip(owners, packed, targets):
+        found.setdefault(seq, []).append((position, unpack(row, target, top_k, k)))
+    return found

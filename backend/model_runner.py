@@ -1,7 +1,7 @@
 """ModelRunner: owns the model and the KV pool; turns a scheduled step into tensors, runs it, samples."""
 import torch
 
-from backend import parallel
+from backend import logprobs, parallel
 from backend.attention import AttentionMetadata
 from backend.config import EngineConfig
 from backend.cuda_graph import CUDAGraphs
@@ -29,6 +29,7 @@ class ModelRunner:
                                     a.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.sampler = Sampler(device, config.seed)
+        self._prompt_logprobs: dict = {}   # of the step under way: {seq: [(position, TokenLogprobs)]}
         self.graphs = None
         if device.type == "cuda":
             self._warmup_kernels()
@@ -188,13 +189,18 @@ class ModelRunner:
     def run(self, out: SchedulerOutput, batch: SamplingBatch, in_flight: StepResult | None = None) -> StepResult:
         """Forward every scheduled token and draw the batch's tokens. `in_flight`: the previous
         step's result while its tokens are not on the host yet (async scheduling)."""
-        return self.sampler.sample_step(self._forward(out, in_flight), batch)
+        self._prompt_logprobs = {}
+        result = self.sampler.sample_step(self._forward(out, in_flight), batch)
+        result.prompt_logprobs = self._prompt_logprobs
+        return result
 
     def _forward(self, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
         """Logits [len(out.sampling_seqs()), vocab] fp32."""
         self.copy_blocks(out.block_copies)
+        wants_prompt_logprobs = any(s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
+                                    for s in out.seqs)
         key = self.graphs.select(out.total_tokens, len(out.seqs)) if self.graphs is not None else None
-        if key is not None:
+        if key is not None and not wants_prompt_logprobs:   # those need every row's hidden state: eager
             return self._run_graph(key, out, in_flight)
         input_ids, positions, meta, logits_indices = self.prepare(out)
         if parallel.tp_size() > 1:
@@ -206,6 +212,9 @@ class ModelRunner:
                 ends.append(last if seq.num_computed_tokens + n == seq.num_tokens else -1)
             self._fill_in_flight(input_ids, out.seqs, ends, in_flight)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if wants_prompt_logprobs:
+            self._prompt_logprobs = logprobs.prompt_chunk_logprobs(out.seqs, out.num_new_tokens, hidden,
+                                                                   self.model.compute_logits)
         if not logits_indices.numel():
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
         return self.model.compute_logits(hidden[logits_indices])

@@ -35,7 +35,8 @@ class SampleState:
 
 
 class RequestState:
-    __slots__ = ("prompt", "prompt_token_ids", "params", "samples", "finished", "hold", "first_scheduled_time")
+    __slots__ = ("prompt", "prompt_token_ids", "params", "samples", "finished", "hold", "first_scheduled_time",
+                 "prompt_logprobs")
 
     def __init__(self, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
         self.prompt = prompt
@@ -44,6 +45,7 @@ class RequestState:
         self.samples: dict[int, SampleState] = {}
         self.finished = False
         self.first_scheduled_time: float | None = None
+        self.prompt_logprobs: list[dict | None] | None = None
         # While a stop string could still be forming at the end of the text, hold those characters back.
         self.hold = max(map(len, params.stop)) - 1 if params.stop else 0
 
@@ -88,6 +90,9 @@ class OutputProcessor:
     def _process_one(self, out: CoreOutput, state: RequestState, stopped: list, only_finished: bool,
                      wanted) -> RequestOutput | None:
         state.first_scheduled_time = state.first_scheduled_time or out.first_scheduled_time
+        if out.prompt_logprobs is not None:
+            state.prompt_logprobs = [None if e is None else as_vllm_dict(e, self._token_text)
+                                     for e in out.prompt_logprobs]
         for update in out.samples:
             sample = state.sample(update.index)
             if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
@@ -147,7 +152,7 @@ class OutputProcessor:
                         error_kind: str) -> RequestOutput:
         samples = [self._sample_output(state, i, s) for i, s in sorted(state.samples.items())]
         return RequestOutput(request_id, state.prompt, len(state.prompt_token_ids), samples, state.finished, error,
-                             error_kind, state.first_scheduled_time)
+                             error_kind, state.first_scheduled_time, state.prompt_logprobs)
 
     @staticmethod
     def _sample_output(state: RequestState, index: int, sample: SampleState) -> SampleOutput:

@@ -24,6 +24,7 @@ class CoreOutput:
     error: str | None = None
     error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
     first_scheduled_time: float | None = None   # time.monotonic() when it was first scheduled (metrics)
+    prompt_logprobs: list | None = None   # once, complete: None, then a logprobs.TokenLogprobs per prompt token
 
 
 @dataclass
@@ -48,6 +49,8 @@ class RequestOutput:
     error: str | None = None
     error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
     first_scheduled_time: float | None = None   # time.monotonic() when it was first scheduled (metrics)
+    # vLLM's: None for the first prompt token, then {token_id: {"logprob", "rank", "decoded_token"}}
+    prompt_logprobs: list[dict | None] | None = None
 
     # n = 1 shorthands
     @property

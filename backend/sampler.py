@@ -48,6 +48,7 @@ class StepResult:
         self.beam_logprobs = beam_logprobs      # [len(beam_seqs), vocab] fp32, or None
         self._row_of: dict[int, int] | None = None
         self.step = None    # (tokens, attention, timing) of the step that made it (EngineCore)
+        self.prompt_logprobs: dict = {}   # {seq: [(position, TokenLogprobs)]} of prompts that asked (runner)
         cuda = token_ids.is_cuda
         self._host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
         self._host.copy_(token_ids, non_blocking=cuda)

@@ -75,14 +75,12 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
     spaces_between_special_tokens: bool = True   # with skip_special_tokens false: " ".join around them
     logprobs: int | None = None        # the sampled token's log-prob plus this many most likely ones
+    prompt_logprobs: int | None = None  # each prompt token's log-prob (given the tokens before it) + top ones
     # Not request fields. bad_words as token-id sequences (vLLM's _bad_words_token_ids), set by the
     # engine at admission with the model's tokenizer (backend.engine.tokenize_bad_words); and
     # cumulative_logprob, set by the front when a caller wants it without logprobs.
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     cumulative_logprob: bool = False
-
-    # Options vLLM has that we do not implement yet: accepted only at their no-op value.
-    UNSUPPORTED = {"prompt_logprobs": None}
 
     @property
     def beam_width(self) -> int:
@@ -120,9 +118,6 @@ class SamplingParams:
                 if key == "max_tokens":   # explicitly null: until max_model_len (absent: 16)
                     kwargs[key] = UNTIL_MAX_MODEL_LEN
                 continue
-            if key in cls.UNSUPPORTED:
-                _check_unsupported(key, value, cls.UNSUPPORTED[key])
-                continue
             conv = _CONVERTERS.get(key)
             if conv is not None:
                 kwargs[key] = conv(key, value)
@@ -153,8 +148,9 @@ class SamplingParams:
         check(1 <= self.max_tokens <= INT64_MAX, "max_tokens", "must be >= 1")
         check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
         check(INT64_MIN <= self.priority <= INT64_MAX, "priority", "must fit in 64 bits")
-        check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-              f"must be in [0, {MAX_LOGPROBS}] (vLLM's max_logprobs)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or 0 <= value <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}] (vLLM's max_logprobs)")
         check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings")
         check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
               f"must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters")
@@ -348,12 +344,6 @@ def _logit_bias(key, value):
     return biases
 
 
-def _check_unsupported(key, value, no_op):
-    supported = value == no_op if no_op is None else _float(key, value) == no_op
-    if not supported:
-        raise ValueError(f"'{key}' is not supported yet")
-
-
 _CONVERTERS = {
     "n": _int, "temperature": _float, "top_k": _int, "top_p": _float, "min_p": _float, "seed": _int,
     "max_tokens": _int, "min_tokens": _int, "stop": _str_list, "stop_token_ids": _int_list,
@@ -362,4 +352,5 @@ _CONVERTERS = {
     "priority": _int, "presence_penalty": _float, "frequency_penalty": _float, "repetition_penalty": _float,
     "logit_bias": _logit_bias, "allowed_token_ids": _allowed_ids, "bad_words": _str_list_bounded,
     "truncate_prompt_tokens": _int, "spaces_between_special_tokens": _bool, "logprobs": _int,
+    "prompt_logprobs": _int,
 }

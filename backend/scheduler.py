@@ -203,7 +203,8 @@ class Scheduler:
         bm = self.block_manager
         if seats + seq.seats() > self.max_num_seqs:
             return 0
-        hits = bm.match_prefix(seq)
+        # prompt_logprobs need every prompt position computed: no cached prefix for those (as vLLM)
+        hits = bm.match_prefix(seq) if seq.params.prompt_logprobs is None else []
         cached = min(len(hits) * bm.block_size, seq.num_tokens - 1)
         n = self._chunk(seq, cached, budget, out)
         if not n:

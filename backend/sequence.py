@@ -109,6 +109,10 @@ class SequenceGroup:
         self.beam_hyps: list[tuple[float, Sequence]] = []   # finished beams (score, seq)
         self.error: str | None = None
         self.error_kind = INTERNAL     # backend.errors: why `error` ended it
+        # prompt_logprobs: one entry per prompt token (None for the first: nothing precedes it),
+        # filled chunk by chunk, handed to the front once complete
+        self.prompt_logprobs: list | None = [None] if seq.params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
         seq.group = self
 
     @property

@@ -103,3 +103,28 @@ def test_logprobs_parameter_checked():
     with pytest.raises(ValueError, match="'logprobs' is not supported with use_beam_search"):
         SamplingParams.from_dict({"logprobs": 1, "use_beam_search": True, "n": 2, "temperature": 0})
     assert SamplingParams.from_dict({"logprobs": "2"}).logprobs == 2
+
+
+@pytest.mark.parametrize("budget", [2048, 16])   # whole prompts, and prompts chunked across steps
+def test_prompt_logprobs_match_hf(tiny_checkpoints, budget):
+    """Each prompt token's log-prob given the tokens before it (None for the first), its rank and
+    the k most likely, as HF computes them; the same with a cached prefix around (no cache hit)."""
+    path = tiny_checkpoints["llama"]
+    engine = make_engine(path, max_num_batched_tokens=budget, max_num_seqs=8)
+    prompts = [p for p in prompt_set(6, seed=16) if len(p) > 1]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2))   # its prefix is cached now
+    decode = decoder(engine)
+    for prompt, out in zip(prompts, engine.generate(prompts, params)):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = torch.log_softmax(hf_model(path)(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            row, token = ref[position - 1], prompt[position]
+            assert entry[token]["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+            assert entry[token]["rank"] == int((row > row[token]).sum()) + 1
+            assert entry[token]["decoded_token"] == decode(token)
+            assert set(row.topk(2).indices.tolist()) <= set(entry)
+    plain = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert plain.prompt_logprobs is None

@@ -176,7 +176,7 @@ def _json_values():
 
 def _known_keys():
     from backend.sampling_params import _CONVERTERS
-    return sorted(set(_CONVERTERS) | set(SamplingParams.UNSUPPORTED))
+    return sorted(_CONVERTERS)
 
 
 def _assert_valid(p):

@@ -233,3 +233,17 @@ def test_logits_processors_on_gpu_equal_cpu_fp32(tiny_checkpoints):
     cpu = make_engine(path).generate(prompts, params)
     dev = gpu(path, dtype="float32").generate(prompts, params)
     assert ids(dev) == ids(cpu)
+
+
+def test_prompt_logprobs_on_gpu_equal_cpu_fp32(tiny_checkpoints):
+    path = tiny_checkpoints["llama"]
+    prompts = prompt_set(4, seed=17)[1:]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    cpu = make_engine(path).generate(prompts, params)
+    dev = gpu(path, dtype="float32", max_num_batched_tokens=256).generate(prompts, params)
+    for c, g in zip(cpu, dev):
+        assert len(g.prompt_logprobs) == len(c.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for mc, mg in zip(c.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+            assert set(mg) == set(mc)
+            for t in mc:
+                assert mg[t]["rank"] == mc[t]["rank"] and mg[t]["logprob"] == pytest.approx(mc[t]["logprob"], abs=1e-3)
