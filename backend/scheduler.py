@@ -136,6 +136,8 @@ class Scheduler:
         return budget
 
     def _schedule_prompts(self, budget: int, out: SchedulerOutput):
+        if not self.waiting and len(out.seqs) == len(self.running):   # all decoding, nothing queued
+            return
         scheduled = {id(s) for s in out.seqs}
         running = [s for s in self.running if id(s) not in scheduled]
         window = self.waiting[:self.PREFILL_WINDOW]
