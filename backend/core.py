@@ -63,9 +63,9 @@ class EngineCore:
             config.async_scheduling == "auto" and config.torch_device.type == "cuda"))
         self.requests: dict[str, SequenceGroup] = {}
         self.in_flight: StepResult | None = None
-        # requests with n > 1 or beams, or penalties / bad_words (SequenceGroup.steps_synchronously):
-        # while any is in flight, steps are synchronous
-        self.num_forking = 0
+        # requests that fork (n > 1, beams) or need their whole output on the host (penalties, bad_words):
+        # while any is in flight, steps are synchronous (SequenceGroup.steps_synchronously)
+        self.num_stepping_synchronously = 0
         self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
         self.num_generation_tokens = 0
         self._touched: list[SequenceGroup] = []
@@ -82,7 +82,7 @@ class EngineCore:
         group = SequenceGroup(seq)
         self.requests[request.request_id] = group
         self.num_prompt_tokens += seq.num_prompt_tokens
-        self.num_forking += group.steps_synchronously
+        self.num_stepping_synchronously += group.steps_synchronously
         self.scheduler.add(seq)
 
     def abort(self, request_id: str):
@@ -142,7 +142,7 @@ class EngineCore:
     @torch.inference_mode()
     def _step(self) -> list[CoreOutput]:
         self._sampled = set() if self._suspects else None
-        synchronous = not self.async_scheduling or self.num_forking > 0 or bool(self._suspects)
+        synchronous = not self.async_scheduling or self.num_stepping_synchronously > 0 or bool(self._suspects)
         self._stepping = (self.in_flight, None)
         if synchronous:
             self._update(self._take_in_flight())
@@ -286,7 +286,7 @@ class EngineCore:
 
     def _retire(self, group: SequenceGroup):
         if self.requests.pop(group.request_id, None) is not None:
-            self.num_forking -= group.steps_synchronously
+            self.num_stepping_synchronously -= group.steps_synchronously
 
     def fail_all(self, error: str | None) -> list[CoreOutput]:
         """Finish every request as aborted (with `error`, if any): after a failed step, at shutdown."""

@@ -216,7 +216,7 @@ def test_async_equals_sync_with_processors(tiny_checkpoints):
     assert eng.core.async_scheduling
     got = [(o.token_ids, o.text, o.finish_reason) for o in run_staggered(eng, prompts, params)]
     assert got == ref
-    assert eng.core.num_forking == 0
+    assert eng.core.num_stepping_synchronously == 0
     bm = eng.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 

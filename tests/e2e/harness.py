@@ -56,7 +56,7 @@ def make_model_repository(dest, model_path, **parameters):
 class Server:
     """tritonserver via tools/serve.py; its output goes to log_path."""
 
-    def __init__(self, model_repository, log_path, extra_args=(), env=None):
+    def __init__(self, model_repository, log_path, extra_args=(), env=None, cwd=None):
         self.model_repository = model_repository
         self.log_path = log_path
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -64,6 +64,7 @@ class Server:
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
+        self.cwd = cwd    # the launcher's working directory (default: this process's)
         self.proc = None
 
     def start(self):
@@ -75,7 +76,7 @@ class Server:
         self._log = open(self.log_path, "w")
         # A session of its own for the launcher. (The launcher runs tritonserver in a process group
         # of its own; that server gets SIGTERM when the launcher dies, even by SIGKILL.)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                      start_new_session=True)
         return self
 

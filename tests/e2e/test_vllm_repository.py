@@ -1,7 +1,8 @@
 """A model repository written for Triton's vLLM backend (config.pbtxt `backend: "vllm"` and nothing but
 an instance_group; 1/model.json of vLLM engine arguments) loads unchanged under tools/serve.py, which
 installs our Python-based backend `vllm`. One server for the module: a good model and one whose
-model.json has a key we do not support (--exit-on-error=false keeps the server up)."""
+model.json has a key we do not support (--exit-on-error=false keeps the server up), started from a
+directory whose own `backend` package must not be the one served."""
 import json
 import os
 import queue
@@ -34,7 +35,13 @@ def server(tmp_path_factory, tiny_model):
     vllm_model(repo, GOOD, {"gpu_memory_utilization": 0.5, "enforce_eager": True, "disable_log_requests": True,
                             "num_gpu_blocks_override": 256, "max_num_seqs": 8}, tiny_model)
     vllm_model(repo, BAD, {"enforce_eager": True, "speculative_model": "draft"}, tiny_model)
-    srv = Server(repo, str(base / "tritonserver.log"), extra_args=["--exit-on-error=false"]).start()
+    # Started from a directory holding other `backend` and `triton_glue` packages (as another
+    # checkout would): the stub must still run the engine of the checkout that launched it.
+    decoy = base / "elsewhere"
+    for package in ("backend", "triton_glue"):
+        (decoy / package).mkdir(parents=True)
+        (decoy / package / "__init__.py").write_text(f"raise ImportError('the {package} of another checkout')\n")
+    srv = Server(repo, str(base / "tritonserver.log"), extra_args=["--exit-on-error=false"], cwd=str(decoy)).start()
     try:
         srv.wait_ready(model=GOOD)
         yield srv

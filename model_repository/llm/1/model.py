@@ -6,11 +6,13 @@ The same file is the Python-based backend `vllm`: tools/serve.py copies it to
 import os
 import sys
 
-# Triton's Python stub leaves PYTHONPATH out of sys.path: put its folders (tools/serve.py names this
-# checkout there) after the working directory's entry, where Python would have put them.
+# Triton's Python stub leaves PYTHONPATH out of sys.path, and its working directory comes first:
+# put PYTHONPATH's folders (tools/serve.py names the served checkout there) ahead of everything, so
+# that a server started from inside another checkout still runs the engine it was launched with.
 for _folder in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
-    if _folder not in sys.path:
-        sys.path.insert(1 if sys.path[:1] == [""] else 0, _folder)
+    if _folder in sys.path:
+        sys.path.remove(_folder)
+    sys.path.insert(0, _folder)
 
 try:
     from triton_glue.model import TritonPythonModel  # noqa: F401
