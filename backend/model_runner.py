@@ -1,10 +1,11 @@
 """ModelRunner: owns the model and the KV pool; turns a scheduled step into tensors, runs it, samples."""
+import numpy as np
 import torch
 
 from backend import logprobs, parallel
 from backend.attention import AttentionMetadata
 from backend.config import EngineConfig
-from backend.cuda_graph import CUDAGraphs
+from backend.cuda_graph import CUDAGraphs, regions, stage_inputs
 from backend.loader import load_model
 from backend.sampler import Sampler, SamplingBatch, StepResult
 from backend.scheduler import SchedulerOutput
@@ -105,34 +106,22 @@ class ModelRunner:
         return num_blocks
 
     def prepare(self, out: SchedulerOutput):
-        input_ids, positions, slots, seq_lens, starts = [], [], [], [], [0]
-        logits_indices = []
-        bs = self.block_size
-        for seq, n in zip(out.seqs, out.num_new_tokens):
-            c = seq.num_computed_tokens
-            tokens = seq.token_ids[c:c + n]
-            input_ids += tokens
-            if len(tokens) < n:     # a token in flight (async scheduling): see _fill_in_flight
-                input_ids += [0] * (n - len(tokens))
-            positions += range(c, c + n)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
-            seq_lens.append(c + n)
-            starts.append(starts[-1] + n)
-            if c + n == seq.num_tokens:     # the prompt is complete: this step yields a token
-                logits_indices.append(starts[-1] - 1)
-        width = max(len(s.block_table) for s in out.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in out.seqs]
+        """An eager step's inputs: the graphs' staging (cuda_graph.stage_inputs) without padding.
+        Returns (input_ids, positions, AttentionMetadata, logits_indices, ends) (ends: see stage_inputs)."""
+        T, S = out.total_tokens, len(out.seqs)
+        (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
+        tok, seq = np.empty(r_rows.stop, np.int64), np.empty(r_starts.stop, np.int32)
+        tables = np.zeros((S, max(len(s.block_table) for s in out.seqs)), np.int32)
+        ends, num_sampled, _ = stage_inputs(out.seqs, out.num_new_tokens, self.block_size, T, S, tok, seq, tables)
         dev = self.device
 
-        def tensor(x, dtype=torch.int32):
-            return torch.tensor(x, dtype=dtype, device=dev)
+        def tensor(x):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dev)
 
-        meta = AttentionMetadata(slot_mapping=tensor(slots, torch.long), block_tables=tensor(tables),
-                                 seq_lens=tensor(seq_lens), query_start_loc=tensor(starts),
+        meta = AttentionMetadata(slot_mapping=tensor(tok[r_slots]), block_tables=tensor(tables),
+                                 seq_lens=tensor(seq[r_lens]), query_start_loc=tensor(seq[r_starts]),
                                  max_query_len=max(out.num_new_tokens))
-        return (tensor(input_ids, torch.long), tensor(positions, torch.long), meta,
-                tensor(logits_indices, torch.long))
+        return tensor(tok[r_ids]), tensor(tok[r_pos]), meta, tensor(tok[r_rows][:num_sampled]), ends
 
     def _run_tensor_parallel(self, out, input_ids, positions, meta, logits_indices):
         """Rank 0: send the step to the other ranks, then run it together with them."""
@@ -202,14 +191,10 @@ class ModelRunner:
         key = self.graphs.select(out.total_tokens, len(out.seqs)) if self.graphs is not None else None
         if key is not None and not wants_prompt_logprobs:   # those need every row's hidden state: eager
             return self._run_graph(key, out, in_flight)
-        input_ids, positions, meta, logits_indices = self.prepare(out)
+        input_ids, positions, meta, logits_indices, ends = self.prepare(out)
         if parallel.tp_size() > 1:
             return self._run_tensor_parallel(out, input_ids, positions, meta, logits_indices)
         if in_flight is not None:
-            ends, last = [], -1
-            for seq, n in zip(out.seqs, out.num_new_tokens):
-                last += n
-                ends.append(last if seq.num_computed_tokens + n == seq.num_tokens else -1)
             self._fill_in_flight(input_ids, out.seqs, ends, in_flight)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if wants_prompt_logprobs:

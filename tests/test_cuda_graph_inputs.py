@@ -60,15 +60,50 @@ def mixed_step():
     return SchedulerOutput(seqs=seqs, num_new_tokens=nums)
 
 
+def reference_inputs(out, bs):
+    """A step's inputs recomputed token by token from their definitions."""
+    ids, positions, slots, lens, starts, rows = [], [], [], [], [0], []
+    for seq, n in zip(out.seqs, out.num_new_tokens):
+        c = seq.num_computed_tokens
+        known = seq.token_ids[c:c + n]
+        ids += known + [0] * (n - len(known))    # a token in flight is filled on the device
+        positions += range(c, c + n)
+        slots += [seq.block_table[p // bs] * bs + p % bs for p in range(c, c + n)]
+        lens.append(c + n)
+        starts.append(starts[-1] + n)
+        if c + n == seq.num_tokens:
+            rows.append(starts[-1] - 1)
+    width = max(len(x.block_table) for x in out.seqs)
+    tables = [x.block_table + [0] * (width - len(x.block_table)) for x in out.seqs]
+    return types.SimpleNamespace(ids=ids, positions=positions, slots=slots, lens=lens, starts=starts, rows=rows,
+                                 tables=tables)
+
+
+def test_prepare_equals_the_reference():
+    out = mixed_step()
+    ids, positions, meta, logits_indices, ends = ModelRunner.prepare(
+        types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu")), out)
+    ref = reference_inputs(out, BLOCK)
+    assert (ids.tolist(), positions.tolist(), meta.slot_mapping.tolist()) == (ref.ids, ref.positions, ref.slots)
+    assert (meta.seq_lens.tolist(), meta.query_start_loc.tolist()) == (ref.lens, ref.starts)
+    assert meta.block_tables.tolist() == ref.tables and logits_indices.tolist() == ref.rows
+    assert (ids.dtype, positions.dtype, meta.slot_mapping.dtype, logits_indices.dtype) == (torch.long,) * 4
+    assert (meta.seq_lens.dtype, meta.query_start_loc.dtype, meta.block_tables.dtype) == (torch.int32,) * 3
+    assert list(ends) == [0, -1, 21, 28, 29, 30] and meta.max_query_len == 20
+
+
 @pytest.mark.parametrize("key", [(64, 8, True), (31, 6, False)])
-def test_staged_inputs_equal_prepare_with_padding(key):
+def test_staged_inputs_equal_the_reference_with_padding(key):
     out = mixed_step()
     T, S, _ = key
     g = graphs()
     g.load(key, out.seqs, out.num_new_tokens)   # the other staging set: a stale step first
     input_ids, ends, num_sampled = g.load(key, out.seqs, out.num_new_tokens)
-    ids, positions, meta, logits_indices = ModelRunner.prepare(
-        types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu")), out)
+    ref = reference_inputs(out, BLOCK)
+    ids, positions = torch.tensor(ref.ids), torch.tensor(ref.positions)
+    meta = types.SimpleNamespace(slot_mapping=torch.tensor(ref.slots), seq_lens=torch.tensor(ref.lens),
+                                 query_start_loc=torch.tensor(ref.starts), block_tables=torch.tensor(ref.tables))
+    logits_indices = torch.tensor(ref.rows)
     n, s = out.total_tokens, len(out.seqs)
     (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
     assert all(r.start % 2 == 0 for r in (r_ids, r_pos, r_slots, r_rows)) and r_starts.start % 4 == 0  # 16 bytes
