@@ -228,9 +228,11 @@ class EngineCore:
             self._beam_steps(result)
 
     def _observe_step(self, tokens: int, attention: int, timing):
-        """The step is done: its time feeds the scheduler's cost model and the metrics."""
+        """The step is done: its time feeds the metrics and, under a latency target, the scheduler's
+        cost model (no fitting when nothing asks for it)."""
         seconds = self.step_timer.seconds(timing)
-        self.scheduler.cost_model.observe(tokens, attention, seconds)
+        if self.scheduler.target_step_s:
+            self.scheduler.cost_model.observe(tokens, attention, seconds)
         self.step_samples.append((tokens, seconds))
 
     def _check_stop(self, seq: Sequence):

@@ -31,12 +31,8 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
     _allowed_token_ids(logits, [(i, seqs[i]) for i in rows if seqs[i].params.allowed_token_ids is not None])
     _bad_words(logits, [(i, seqs[i]) for i in rows if seqs[i].params.bad_words_token_ids])
     _logit_bias(logits, [(i, seqs[i]) for i in rows if seqs[i].params.logit_bias])
-    _penalties(logits, [(i, seqs[i]) for i in rows if _has_penalties(seqs[i].params)])
+    _penalties(logits, [(i, seqs[i]) for i in rows if seqs[i].params.has_penalties])
     return logits
-
-
-def _has_penalties(p) -> bool:
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
 def _on(device, values: list, dtype=torch.long) -> torch.Tensor:
@@ -45,18 +41,14 @@ def _on(device, values: list, dtype=torch.long) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _index(values: list, device) -> torch.Tensor:
-    return _on(device, values)
-
-
 def _allowed_token_ids(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     if not todo:
         return
     dev = logits.device
     local = [(k, t) for k, (_, seq) in enumerate(todo) for t in seq.params.allowed_token_ids]
     blocked = torch.ones(len(todo), logits.shape[1], dtype=torch.bool, device=dev)
-    blocked[_index([k for k, _ in local], dev), _index([t for _, t in local], dev)] = False
-    rows = _index([i for i, _ in todo], dev)
+    blocked[_on(dev, [k for k, _ in local]), _on(dev, [t for _, t in local])] = False
+    rows = _on(dev, [i for i, _ in todo])
     logits[rows] = logits[rows].masked_fill(blocked, NEG_INF)
 
 
@@ -72,7 +64,7 @@ def _bad_words(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
                 hits_tokens.append(word[-1])
     if hits_rows:
         dev = logits.device
-        logits[_index(hits_rows, dev), _index(hits_tokens, dev)] = NEG_INF
+        logits[_on(dev, hits_rows), _on(dev, hits_tokens)] = NEG_INF
 
 
 def _logit_bias(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
@@ -83,7 +75,7 @@ def _logit_bias(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     tokens = [t for _, seq in todo for t in seq.params.logit_bias]
     biases = [b for _, seq in todo for b in seq.params.logit_bias.values()]
     # (row, token) pairs are distinct (dict keys), so accumulate adds each bias once
-    logits.index_put_((_index(rows, dev), _index(tokens, dev)),
+    logits.index_put_((_on(dev, rows), _on(dev, tokens)),
                       _on(dev, biases, logits.dtype), accumulate=True)
 
 
@@ -99,15 +91,15 @@ def _penalties(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
         if seq.params.repetition_penalty != 1:
             seen_tokens += seq.token_ids
             seen_rows += [k] * len(seq.token_ids)
-    rows = _index([i for i, _ in todo], dev)
+    rows = _on(dev, [i for i, _ in todo])
     x = logits[rows]
     counts = torch.zeros(len(todo), vocab, dtype=x.dtype, device=dev)
     if out_rows:
-        counts.index_put_((_index(out_rows, dev), _index(out_tokens, dev)),
+        counts.index_put_((_on(dev, out_rows), _on(dev, out_tokens)),
                           torch.ones(len(out_rows), dtype=x.dtype, device=dev), accumulate=True)
     if seen_rows:
         seen = torch.zeros(len(todo), vocab, dtype=torch.bool, device=dev)
-        seen[_index(seen_rows, dev), _index(seen_tokens, dev)] = True
+        seen[_on(dev, seen_rows), _on(dev, seen_tokens)] = True
         rep = _on(dev, [seq.params.repetition_penalty for _, seq in todo], x.dtype)
         rep = torch.where(seen, rep.unsqueeze(1), torch.ones((), dtype=x.dtype, device=dev))
         x = torch.where(x > 0, x / rep, x * rep)

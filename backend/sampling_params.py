@@ -96,11 +96,14 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     @cached_property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @cached_property
     def needs_output_history(self) -> bool:
         """Its logits depend on the tokens generated so far (penalties, bad words): the host must
         know every one of them when it samples, so the engine steps synchronously while it runs."""
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or bool(self.bad_words or self.bad_words_token_ids))
+        return self.has_penalties or bool(self.bad_words or self.bad_words_token_ids)
 
     @cached_property
     def processes_logits(self) -> bool:
