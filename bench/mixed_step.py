@@ -16,29 +16,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from backend.calibration import synthetic_step  # noqa: E402
 from backend.cuda_graph import CUDAGraphs  # noqa: E402
-from backend.sampling_params import SamplingParams  # noqa: E402
-from backend.scheduler import SchedulerOutput  # noqa: E402
-from backend.sequence import Sequence  # noqa: E402
 from bench.offline import build_engine  # noqa: E402
 
 CASES = [(64, 1024, 512), (200, 1024, 1536), (200, 1024, 7900), (200, 1024, 0)]   # decodes, context, chunk
-
-
-def step_of(runner, num_decodes, context, chunk):
-    """num_decodes decodes at `context` tokens and one first prompt chunk of `chunk` tokens, on
-    consecutive blocks (whatever the cache holds: the timing does not depend on it)."""
-    seqs, nums, block = [], [], 0
-    for i, (n, new) in enumerate([(context, 1)] * num_decodes + ([(chunk + 64, chunk)] if chunk else [])):
-        s = Sequence(f"r{i}", [7] * n, n - 1 if new == 1 else n, SamplingParams())
-        s.num_computed_tokens = n - new if new == 1 else 0
-        blocks = -(-n // runner.block_size)
-        s.block_table = list(range(block, block + blocks))
-        block += blocks
-        seqs.append(s)
-        nums.append(new)
-    assert block <= runner.num_blocks, "KV pool too small for the case"
-    return SchedulerOutput(seqs=seqs, num_new_tokens=nums)
 
 
 @torch.inference_mode()
@@ -84,7 +66,7 @@ def main():
                           graph_pool_mib=round((torch.cuda.memory_reserved() - reserved) / 2**20))), flush=True)
     del again
     for num_decodes, context, chunk in CASES:
-        out = step_of(runner, num_decodes, context, chunk)
+        out, _ = synthetic_step(num_decodes, context, chunk, runner.block_size, runner.num_blocks)
         key = graphs.select(out.total_tokens, len(out.seqs))
         graphed = time_steps(runner, out, a.iters)
         runner.graphs = None
