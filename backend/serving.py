@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend import errors
+from backend import errors, io_spec
 from backend.errors import EngineUnavailable
 from backend.outputs import RequestOutput
 from backend.sampling_params import SamplingParams
@@ -39,10 +39,8 @@ SENDER_MAX_REST_S = 0.05
 # interval (5 ms) would make it wait behind the sender.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-OPTIONAL_OUTPUTS = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
-                    "return_cumulative_logprob", "return_logprobs")
-INPUT_NAMES = ("text_input", "prompt", "stream", "exclude_input_in_output", "sampling_parameters",
-               *OPTIONAL_OUTPUTS)
+INPUT_NAMES = tuple(name for name, _, _ in io_spec.INPUTS)
+OPTIONAL_OUTPUTS = tuple(name for name in INPUT_NAMES if name.startswith("return_"))   # return_X adds output X
 
 CANCELLED_MESSAGE = "request was cancelled"
 SHUTDOWN_MESSAGE = "request was aborted (the server is shutting down)"

@@ -5,9 +5,11 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from backend import io_spec, serving
+from backend.outputs import RequestOutput, SampleOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +30,17 @@ def test_config_pbtxt_declares_exactly_the_table():
     assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
 
 
-def test_the_glue_reads_only_declared_inputs():
-    assert set(serving.INPUT_NAMES) <= {name for name, _, _ in io_spec.INPUTS}
+def test_every_return_input_adds_its_declared_output():
+    """return_X asks for output X: each such input names a declared output, and response_outputs
+    fills exactly the outputs asked for."""
+    outputs = {name for name, _, _ in io_spec.OUTPUTS}
+    assert serving.OPTIONAL_OUTPUTS and {name.removeprefix("return_") for name in serving.OPTIONAL_OUTPUTS} <= outputs
+    for name in serving.OPTIONAL_OUTPUTS:
+        request = serving.parse_request({"text_input": np.array([b"x"], dtype=np.object_), name: np.array([True])})
+        state = serving.RequestState("r", None, request)
+        sample = SampleOutput(0, "a", "a", [1], "stop")
+        filled = serving.response_outputs(state, ["a"], RequestOutput("r", "x", 1, [sample], True))
+        assert set(filled) == {"text_output", name.removeprefix("return_")}
 
 
 @pytest.fixture
