@@ -6,6 +6,7 @@ alone drives the parts: inbox -> EngineCore.step (token ids) -> OutputProcessor 
 strings) -> each request's callback. Callbacks must not block.
 """
 import dataclasses
+import gc
 import heapq
 import json
 import logging
@@ -51,6 +52,11 @@ class LLMEngine:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Start-up leaves a large heap of long-lived objects (model, tokenizer, graphs): move it out of
+        # the collector's sight, or each full collection scans it all while steps wait (150 ms
+        # measured on the H100 host amid a Qwen3-0.6B run).
+        gc.collect()
+        gc.freeze()
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d", config.torch_device,
                  config.torch_dtype, self.core.block_manager.num_blocks, config.block_size, self.max_model_len)
 

@@ -5,38 +5,68 @@ A stop string is found here, after the core has already moved on: the sample end
 the caller, and the core is told to free it (it may have computed a token more; that is dropped).
 """
 import logging
+import time
 
 from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder
 from backend.logprobs import as_vllm_dict
 from backend.outputs import CoreOutput, RequestOutput, SampleOutput, SampleUpdate
-from backend.sampling_params import SamplingParams
+from backend.sampling_params import DELTA, FINAL_ONLY, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class SampleState:
-    __slots__ = ("ids", "num_context", "detok", "text", "num_sent_chars", "finish_reason", "cumulative_logprob",
-                 "logprobs")
+    """One sample's text and tokens, kept so that each step costs what its new tokens cost: text
+    is a list of pieces (joined only for an output that wants it all) plus a short `pending` tail
+    that a stop string could still cut."""
+    __slots__ = ("ids", "num_context", "detok", "pieces", "pending", "num_pieces_sent", "num_tokens_sent",
+                 "finish_reason", "cumulative_logprob", "logprobs")
 
     def __init__(self, prompt_token_ids: list[int], logprobs: bool = False):
         context = prompt_token_ids[-CONTEXT_TOKENS:]   # so that a leading space of the output survives
         self.ids = list(context)                       # prompt context + output token ids
         self.num_context = len(context)
         self.detok = DetokenizerState(0, len(context))
-        self.text = ""
-        self.num_sent_chars = 0
+        self.pieces: list[str] = []   # text no stop string can change any more
+        self.pending = ""             # the text after it: the last `hold` characters while unfinished
+        self.num_pieces_sent = 0      # pieces already in an output (DELTA)
+        self.num_tokens_sent = 0      # output tokens already in an output (DELTA)
         self.finish_reason: str | None = None
         self.cumulative_logprob: float | None = None
         self.logprobs: list[dict] | None = [] if logprobs else None   # one vLLM-style map per output token
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.ids) - self.num_context
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.ids[self.num_context:]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces) + self.pending
+
+    def settle(self, hold: int):
+        """Move what no stop string can reach any more (all of it once finished) out of `pending`."""
+        keep = 0 if self.finish_reason is not None else hold
+        if len(self.pending) > keep:
+            cut = len(self.pending) - keep
+            self.pieces.append(self.pending[:cut])
+            self.pending = self.pending[cut:]
+
+    def take_new(self) -> tuple[str, list[int], list[dict] | None]:
+        """The text, token ids and log-prob maps not yet in an output (DELTA), marked as sent."""
+        text = "".join(self.pieces[self.num_pieces_sent:])
+        ids = self.ids[self.num_context + self.num_tokens_sent:]
+        logprobs = None if self.logprobs is None else self.logprobs[self.num_tokens_sent:]
+        self.num_pieces_sent, self.num_tokens_sent = len(self.pieces), self.num_tokens
+        return text, ids, logprobs
 
 
 class RequestState:
     __slots__ = ("prompt", "prompt_token_ids", "params", "samples", "finished", "hold", "first_scheduled_time",
-                 "prompt_logprobs")
+                 "first_token_time", "prompt_logprobs")
 
     def __init__(self, prompt: str, prompt_token_ids: list[int], params: SamplingParams):
         self.prompt = prompt
@@ -45,6 +75,7 @@ class RequestState:
         self.samples: dict[int, SampleState] = {}
         self.finished = False
         self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.prompt_logprobs: list[dict | None] | None = None
         # While a stop string could still be forming at the end of the text, hold those characters back.
         self.hold = max(map(len, params.stop)) - 1 if params.stop else 0
@@ -93,6 +124,8 @@ class OutputProcessor:
         if out.prompt_logprobs is not None:
             state.prompt_logprobs = [None if e is None else as_vllm_dict(e, self._token_text)
                                      for e in out.prompt_logprobs]
+        if state.first_token_time is None and any(u.new_token_ids for u in out.samples):
+            state.first_token_time = time.monotonic()
         for update in out.samples:
             sample = state.sample(update.index)
             if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
@@ -102,7 +135,8 @@ class OutputProcessor:
             and all(s.finish_reason is not None for s in state.samples.values()))
         if state.finished:
             del self.requests[out.request_id]
-        if state.finished or not only_finished or (wanted is not None and wanted(out.request_id)):
+        if state.finished or (state.params.output_kind != FINAL_ONLY and (
+                not only_finished or (wanted is not None and wanted(out.request_id)))):
             return self._request_output(out.request_id, state, out.error, out.error_kind)
         return None
 
@@ -112,54 +146,65 @@ class OutputProcessor:
     def _apply(self, state: RequestState, sample: SampleState, update: SampleUpdate) -> bool:
         """Take in a sample's new tokens; True when a stop string ended it here."""
         p = state.params
-        if update.replace:   # final beams: the whole output at once
+        if update.replace:   # final beams: the whole output at once, sent again from the start
             del sample.ids[sample.num_context:]
-            sample.text, sample.num_sent_chars = "", 0
+            sample.pieces, sample.pending, sample.num_pieces_sent, sample.num_tokens_sent = [], "", 0, 0
             sample.ids += update.new_token_ids
             if p.detokenize:
-                sample.text = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens,
-                                          spaces_between_special_tokens=p.spaces_between_special_tokens)
+                sample.pending = self.decode(update.new_token_ids, skip_special_tokens=p.skip_special_tokens,
+                                             spaces_between_special_tokens=p.spaces_between_special_tokens)
         else:
             for i, token in enumerate(update.new_token_ids):
                 sample.ids.append(token)
                 if update.logprobs is not None and sample.logprobs is not None:
                     sample.logprobs.append(as_vllm_dict(update.logprobs[i], self._token_text))
-                old_len = len(sample.text)
-                if p.detokenize:
-                    sample.text += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens,
-                                                spaces_between_special_tokens=p.spaces_between_special_tokens)
+                if not p.detokenize:
+                    continue
+                old_len = len(sample.pending)
+                sample.pending += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens,
+                                               spaces_between_special_tokens=p.spaces_between_special_tokens)
                 if p.stop and self._stop_string(sample, p, old_len):
                     sample.finish_reason = "stop"
+                    sample.settle(0)
                     return True
+                sample.settle(state.hold)
         sample.cumulative_logprob = update.cumulative_logprob
         sample.finish_reason = update.finish_reason
+        sample.settle(state.hold)
         return False
 
     @staticmethod
     def _stop_string(sample: SampleState, p: SamplingParams, old_len: int) -> bool:
-        if len(sample.ids) - sample.num_context < p.min_tokens:
+        """Search the new text for a stop string. `pending` holds the last max(len(stop)) - 1
+        characters before it (SampleState.settle), so a stop string that began earlier is found too."""
+        if sample.num_tokens < p.min_tokens:
             return False
-        text = sample.text
+        text = sample.pending
         start = max(0, old_len - max(map(len, p.stop)) + 1)
         hits = [(i, s) for i, s in ((text.find(s, start), s) for s in p.stop) if i >= 0]
         if not hits:
             return False
         i, s = min(hits)
-        sample.text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
+        sample.pending = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
         return True
 
     def _request_output(self, request_id: str, state: RequestState, error: str | None,
                         error_kind: str) -> RequestOutput:
-        samples = [self._sample_output(state, i, s) for i, s in sorted(state.samples.items())]
+        delta = state.params.output_kind == DELTA
+        samples = [self._sample_output(i, s, delta) for i, s in sorted(state.samples.items())]
         return RequestOutput(request_id, state.prompt, len(state.prompt_token_ids), samples, state.finished, error,
-                             error_kind, state.first_scheduled_time, state.prompt_logprobs)
+                             error_kind, state.first_scheduled_time, state.first_token_time, state.prompt_logprobs)
 
     @staticmethod
-    def _sample_output(state: RequestState, index: int, sample: SampleState) -> SampleOutput:
-        text = sample.text
-        hold = 0 if sample.finish_reason is not None else state.hold
-        sendable = max(sample.num_sent_chars, len(text) - hold)
-        new_text = text[sample.num_sent_chars:sendable]
-        sample.num_sent_chars = sendable
-        return SampleOutput(index, new_text, text[:sendable], sample.output_token_ids, sample.finish_reason,
-                            sample.cumulative_logprob, None if sample.logprobs is None else list(sample.logprobs))
+    def _sample_output(index: int, sample: SampleState, delta: bool) -> SampleOutput:
+        new_text, new_ids, new_logprobs = sample.take_new()
+        if delta:
+            return SampleOutput(index, new_text, new_text, new_ids, sample.finish_reason, sample.cumulative_logprob,
+                                new_logprobs, sample.num_tokens)
+        # CUMULATIVE (and FINAL_ONLY's one output): everything so far, held-back text excepted. The
+        # joined text replaces its pieces, so the next output joins two.
+        text = "".join(sample.pieces)
+        sample.pieces, sample.num_pieces_sent = [text], 1
+        return SampleOutput(index, new_text, text, sample.output_token_ids, sample.finish_reason,
+                            sample.cumulative_logprob, None if sample.logprobs is None else list(sample.logprobs),
+                            sample.num_tokens)

@@ -29,14 +29,17 @@ class CoreOutput:
 
 @dataclass
 class SampleOutput:
+    """text, token_ids and logprobs hold everything so far, or only what is new since the sample's
+    previous output when the request's output_kind is DELTA (then text == new_text)."""
     index: int                    # which of the request's n samples (or beams, best first)
     new_text: str                 # text added since this sample's previous output
-    text: str                     # all output text so far (prompt excluded)
-    token_ids: list[int]
+    text: str                     # all output text so far (prompt excluded); DELTA: new_text
+    token_ids: list[int]          # output token ids; DELTA: the new ones
     finish_reason: str | None = None   # "stop", "length", "abort"
     cumulative_logprob: float | None = None
     # per output token, vLLM's {token_id: {"logprob", "rank", "decoded_token"}}; None if not asked
     logprobs: list[dict] | None = None
+    num_tokens: int = 0           # output tokens so far (whatever the output kind)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RequestOutput:
     error: str | None = None
     error_kind: str = "internal"   # backend.errors: INTERNAL or UNAVAILABLE, when error is set
     first_scheduled_time: float | None = None   # time.monotonic() when it was first scheduled (metrics)
+    first_token_time: float | None = None       # time.monotonic() when its first output token was processed
     # vLLM's: None for the first prompt token, then {token_id: {"logprob", "rank", "decoded_token"}}
     prompt_logprobs: list[dict | None] | None = None
 

@@ -45,6 +45,13 @@ _NUMBER_TEXT = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 _INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
 
 
+# What each RequestOutput of a request holds (vLLM's RequestOutputKind). Set by the caller, not
+# by the request: the serving layer streams deltas, and non-streaming requests need only the end.
+CUMULATIVE = "cumulative"   # everything so far in every output (the default)
+DELTA = "delta"             # only what is new since the previous output: O(new tokens) per step
+FINAL_ONLY = "final_only"   # one output, at the end, with everything
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -77,10 +84,12 @@ class SamplingParams:
     logprobs: int | None = None        # the sampled token's log-prob plus this many most likely ones
     prompt_logprobs: int | None = None  # each prompt token's log-prob (given the tokens before it) + top ones
     # Not request fields. bad_words as token-id sequences (vLLM's _bad_words_token_ids), set by the
-    # engine at admission with the model's tokenizer (backend.engine.tokenize_bad_words); and
-    # cumulative_logprob, set by the front when a caller wants it without logprobs.
+    # engine at admission with the model's tokenizer (backend.engine.tokenize_bad_words);
+    # cumulative_logprob, set by the front when a caller wants it without logprobs; output_kind
+    # (CUMULATIVE, DELTA or FINAL_ONLY), set by the caller.
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     cumulative_logprob: bool = False
+    output_kind: str = CUMULATIVE
 
     @property
     def beam_width(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 from backend import errors, io_spec
 from backend.errors import EngineUnavailable
 from backend.outputs import RequestOutput
-from backend.sampling_params import SamplingParams
+from backend.sampling_params import DELTA, FINAL_ONLY, SamplingParams
 
 # How often to ask Triton whether a request was cancelled (sender.is_cancelled() is a round trip
 # to the server, ~40 us): every CANCEL_CHECK_BASE_S per request, stretched by
@@ -93,6 +93,9 @@ def parse_request(inputs: Mapping[str, np.ndarray], parameters: str = "") -> Par
         raise BadRequest(str(e)) from None
     want = frozenset(name for name in OPTIONAL_OUTPUTS if _bool(inputs, name))
     params.cumulative_logprob = "return_cumulative_logprob" in want
+    # Streams need only what is new per step, a single response only the end: neither pays per step
+    # for the whole output so far.
+    params.output_kind = DELTA if stream else FINAL_ONLY
     return ParsedRequest(prompt, params, stream, not stream and not exclude, want)
 
 
@@ -194,14 +197,15 @@ def submit_error(e: Exception) -> "Reply":
 class RequestState:
     """Per-request state, touched only by the sender thread after add_request. `sender` is the
     glue's response sender: here only its is_cancelled() is asked."""
-    __slots__ = ("request_id", "sender", "request", "tokens_sent", "done", "next_cancel_check", "t_start",
-                 "first_token_time", "last_token_time", "tokens_seen")
+    __slots__ = ("request_id", "sender", "request", "tokens_sent", "logprobs_unsent", "done", "next_cancel_check",
+                 "t_start", "first_token_time", "last_token_time", "tokens_seen")
 
     def __init__(self, request_id: str, sender, request: ParsedRequest, t_start: float | None = None):
         self.request_id = request_id
         self.sender = sender
         self.request = request
         self.tokens_sent = [0] * request.n   # per sample: output tokens covered by responses sent
+        self.logprobs_unsent: dict[int, list[dict]] = {}   # streaming: per sample, maps not yet in a response
         self.done = False                    # its final response is decided
         self.next_cancel_check = 0.0
         self.t_start = time.monotonic() if t_start is None else t_start
@@ -230,12 +234,14 @@ CANCEL_REPLY = Reply.failure(ErrorKind.CANCELLED, CANCELLED_MESSAGE, abort=True)
 
 
 class MergedOutput:
-    """A request's outputs queued since its last response: each sample's new text pieces, and
-    the latest output (whose totals supersede the earlier ones)."""
-    __slots__ = ("pieces", "output")
+    """A request's outputs queued since its last response: each sample's new text pieces and new
+    log-prob maps (streams get DELTA outputs), and the latest output (whose totals supersede the
+    earlier ones)."""
+    __slots__ = ("pieces", "logprobs", "output")
 
     def __init__(self, output: RequestOutput):
         self.pieces: dict[int, list[str]] = {}
+        self.logprobs: dict[int, list[dict]] = {}
         self.add(output)
 
     def add(self, output: RequestOutput):
@@ -243,6 +249,8 @@ class MergedOutput:
         for s in output.samples:
             if s.new_text:
                 self.pieces.setdefault(s.index, []).append(s.new_text)
+            if s.logprobs:
+                self.logprobs.setdefault(s.index, []).extend(s.logprobs)
 
     def new_texts(self, n: int) -> list[str]:
         return ["".join(self.pieces.get(i, ())) for i in range(n)]
@@ -320,10 +328,14 @@ def respond(state: RequestState, merged: MergedOutput, now: float, interval: flo
             return Reply.failure(ErrorKind.CANCELLED, CANCELLED_MESSAGE)
         return Reply.failure(ErrorKind.UNAVAILABLE, SHUTDOWN_MESSAGE)
     if request.stream:
+        for index, maps in merged.logprobs.items():   # a round without new text sends nothing: keep them
+            state.logprobs_unsent.setdefault(index, []).extend(maps)
         if merged.pieces:
-            return Reply(response_outputs(state, merged.new_texts(request.n), output), final=output.finished)
+            return Reply(response_outputs(state, merged.new_texts(request.n), output, take_logprobs(state)),
+                         final=output.finished)
         if output.finished:   # no new text: the final counts and finish reasons, if asked for
-            return Reply(response_outputs(state, [""] * request.n, output) if request.want else None, final=True)
+            return Reply(response_outputs(state, [""] * request.n, output, take_logprobs(state))
+                         if request.want else None, final=True)
         return None
     if output.finished:
         prefix = request.prompt if request.prepend_input else ""
@@ -331,9 +343,16 @@ def respond(state: RequestState, merged: MergedOutput, now: float, interval: flo
     return None
 
 
-def response_outputs(state: RequestState, texts: list[str], output: RequestOutput) -> dict[str, np.ndarray]:
+def take_logprobs(state: RequestState) -> dict[int, list[dict]]:
+    maps, state.logprobs_unsent = state.logprobs_unsent, {}
+    return maps
+
+
+def response_outputs(state: RequestState, texts: list[str], output: RequestOutput,
+                     logprobs: dict[int, list[dict]] | None = None) -> dict[str, np.ndarray]:
     """The tensors of one response: `text_output` and the optional outputs asked for. Streaming
-    `num_output_tokens` counts the tokens since the previous response (state.tokens_sent)."""
+    `num_output_tokens` counts the tokens since the previous response (state.tokens_sent);
+    `logprobs`: per sample, the log-prob maps this response carries (default: each sample's own)."""
     outputs = {"text_output": _strings(texts)}
     want = state.request.want
     if not want:
@@ -342,7 +361,7 @@ def response_outputs(state: RequestState, texts: list[str], output: RequestOutpu
     indices = range(len(texts))
     # per sample: the output tokens this response covers, [sent, total)
     sent = list(state.tokens_sent)
-    totals = [len(samples[i].token_ids) if i in samples else sent[i] for i in indices]
+    totals = [samples[i].num_tokens if i in samples else sent[i] for i in indices]
     state.tokens_sent = totals
     if not state.request.stream:
         sent = [0] * len(texts)
@@ -356,15 +375,15 @@ def response_outputs(state: RequestState, texts: list[str], output: RequestOutpu
         values = [samples[i].cumulative_logprob if i in samples else None for i in indices]
         outputs["cumulative_logprob"] = np.array([math.nan if v is None else v for v in values], dtype=np.float32)
     if "return_logprobs" in want:
-        outputs["logprobs"] = _strings([_logprobs_json(samples.get(i), sent[i], totals[i]) for i in indices])
+        outputs["logprobs"] = _strings([_logprobs_json(samples.get(i), logprobs) for i in indices])
     return outputs
 
 
-def _logprobs_json(sample, start: int, end: int) -> str:
-    """The vLLM backend's logprobs output: a JSON list of one map per token in [start, end), or null."""
+def _logprobs_json(sample, logprobs: dict[int, list[dict]] | None) -> str:
+    """The vLLM backend's logprobs output: a JSON list of one map per token of the response, or null."""
     if sample is None or sample.logprobs is None:
         return "null"
-    return json.dumps(sample.logprobs[start:end])
+    return json.dumps(sample.logprobs if logprobs is None else logprobs.get(sample.index, []))
 
 
 def _strings(texts):
@@ -424,13 +443,15 @@ class MetricsBook:
     def observations(state: RequestState, output: RequestOutput, now: float) -> list[tuple[str, float]]:
         """(histogram, value) pairs for a request's latest output of this round."""
         observed = []
-        tokens = sum(len(s.token_ids) for s in output.samples)
+        tokens = sum(s.num_tokens for s in output.samples)
         if state.first_token_time is None and tokens:
-            state.first_token_time = now
-            observed.append(("time_to_first_token_seconds", now - state.t_start))
-        elif tokens > state.tokens_seen:   # the mean gap per token that this response brings
+            # A single response comes at the end: its first tokens were made at the engine's time.
+            first = now if state.request.stream or output.first_token_time is None else output.first_token_time
+            state.first_token_time = state.last_token_time = first
+            state.tokens_seen = tokens if first == now else min(tokens, len(output.samples))
+            observed.append(("time_to_first_token_seconds", first - state.t_start))
+        if tokens > state.tokens_seen:   # the mean gap per token that this response brings
             observed.append(("time_per_output_token_seconds", (now - state.last_token_time) / (tokens - state.tokens_seen)))
-        if tokens > state.tokens_seen:
             state.tokens_seen, state.last_token_time = tokens, now
         if output.finished and output.error is None:
             params, first_token = state.request.params, state.first_token_time or now

@@ -3,7 +3,7 @@ decoding, split into the core (schedule, sampling bookkeeping, outputs in token 
 (detokenizing, stop strings, RequestOutputs). The forward pass is a stand-in (random logits over a
 small vocabulary), so what is measured is the Python that every step pays on top of the GPU.
 
-usage: python bench/host_step.py [--requests 256] [--output-tokens 300 3000] [--steps 200]
+usage: python bench/host_step.py [--requests 256] [--output-tokens 300 3000] [--steps 200] [--output-kind delta]
 Prints one JSON line per output length reached before measuring.
 """
 import argparse
@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backend.sampling_params import SamplingParams  # noqa: E402
+from backend.sampling_params import CUMULATIVE, DELTA, FINAL_ONLY, SamplingParams  # noqa: E402
 from tests.helpers import engine_without_forward  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "model_repository", "llm", "tiny-shakespeare")
@@ -47,12 +47,15 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--output-tokens", type=int, nargs="+", default=[300, 3000])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--output-kind", default=DELTA, choices=[CUMULATIVE, DELTA, FINAL_ONLY],
+                    help="what each step's RequestOutputs hold (serving streams DELTA)")
     a = ap.parse_args()
     engine = engine_without_forward(a.model, num_blocks=a.requests * (a.prompt_tokens + max(a.output_tokens)) // 16 + 64,
                                     vocab=64, max_num_seqs=a.requests, max_num_batched_tokens=max(8192, a.requests),
                                     max_model_len=a.prompt_tokens + max(a.output_tokens) + a.steps + 16)
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=max(a.output_tokens) + a.steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max(a.output_tokens) + a.steps + 8, ignore_eos=True,
+                            output_kind=a.output_kind)
     for i in range(a.requests):
         engine.add_request(f"r{i}", None, params, prompt_token_ids=[rng.randrange(5, 60) for _ in range(a.prompt_tokens)])
     done = 0
@@ -60,7 +63,8 @@ def main():
         for _ in range(target - done):
             engine.step()
         done = target + a.steps
-        print(json.dumps({"requests": a.requests, "output_tokens": target, **measure(engine, a.steps)}), flush=True)
+        print(json.dumps({"requests": a.requests, "output_tokens": target, "output_kind": a.output_kind,
+                          **measure(engine, a.steps)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,16 @@ WORKLOADS = {"mixed": (mixed_lengths, LONG_INPUT[1] + LONG_OUTPUT[1]),
              "sharegpt": (sharegpt_lengths, SHAREGPT_INPUT["high"] + SHAREGPT_OUTPUT["high"])}
 
 
+def fixed_workload(input_len, output_len):
+    """The offline benchmark's shape (bench/offline.py): inputs uniform in input_len, a fixed output."""
+    return (lambda rng: ("chat", rng.randint(*input_len), output_len)), input_len[1] + output_len
+
+
+def workload_of(a):
+    """(lengths function, longest request) of --workload ("fixed": --input-len and --output-len)."""
+    return fixed_workload(a.input_len, a.output_len) if a.workload == "fixed" else WORKLOADS[a.workload]
+
+
 def scaled(length, scale, least):
     """--scale shrinks the lengths for small models and CPU runs; the kind keeps its unscaled meaning."""
     return max(least, round(length * scale))
@@ -148,10 +158,11 @@ def poisson_arrivals(rng, rate, duration_s=0.0, num_requests=0):
         times.append(t)
 
 
-def plan_requests(workload, rate, prompts, seed=0, duration_s=60.0, num_requests=0, scale=1.0):
-    """The requests of one rate; the same seed, workload and rate give the same plan."""
+def plan_requests(workload, rate, prompts, seed=0, duration_s=60.0, num_requests=0, scale=1.0, lengths=None):
+    """The requests of one rate; the same seed, workload and rate give the same plan. `lengths`:
+    the workload's lengths function where it is not one of WORKLOADS."""
     rng = random.Random(f"{seed}:{workload}:{rate}")   # a str seed is hashed the same in every process
-    lengths = WORKLOADS[workload][0]
+    lengths = lengths or WORKLOADS[workload][0]
     planned = []
     for i, arrival in enumerate(poisson_arrivals(rng, rate, duration_s, num_requests)):
         kind, input_len, output_len = lengths(rng)
@@ -228,8 +239,9 @@ class RunResult:
     send_lags_s: list     # how late each request left against its planned arrival
 
 
-async def run_plan(url, planned, request_timeout_s=600.0):
-    """Send the planned requests at their arrival times over one channel; wait for all to finish."""
+async def run_plan(url, planned, request_timeout_s=600.0, concurrency=0):
+    """Send the planned requests at their arrival times over one channel; wait for all to finish.
+    concurrency > 0: a closed loop instead, at most that many requests in flight (arrivals ignored)."""
     import tritonclient.grpc.aio as aioclient
 
     inputs = [request_inputs(p) for p in planned]   # built up front: the run's CPU is the client's own
@@ -238,12 +250,20 @@ async def run_plan(url, planned, request_timeout_s=600.0):
     try:
         tasks, lags = [], []
         cpu0, loop_cpu0, start = time.process_time(), time.thread_time(), time.perf_counter()
-        for record, request in zip(records, inputs):
-            due = start + record.planned.arrival_s
-            if due > time.perf_counter():
-                await asyncio.sleep(due - time.perf_counter())
-            lags.append(max(0.0, time.perf_counter() - due))
-            tasks.append(asyncio.create_task(stream_one(client, record, request, request_timeout_s)))
+        if concurrency:
+            seats = asyncio.Semaphore(concurrency)
+
+            async def seated(record, request):
+                async with seats:
+                    await stream_one(client, record, request, request_timeout_s)
+            tasks = [seated(r, i) for r, i in zip(records, inputs)]
+        else:
+            for record, request in zip(records, inputs):
+                due = start + record.planned.arrival_s
+                if due > time.perf_counter():
+                    await asyncio.sleep(due - time.perf_counter())
+                lags.append(max(0.0, time.perf_counter() - due))
+                tasks.append(asyncio.create_task(stream_one(client, record, request, request_timeout_s)))
         await asyncio.gather(*tasks)
         end = max([start] + [r.responses[-1][0] for r in records if r.responses])
         return RunResult(records, start, end - start, time.process_time() - cpu0,
@@ -362,7 +382,7 @@ def launch_server(a, workdir):
     if a.shape:
         params = dict(kv.split("=", 1) for kv in a.engine_param)
         params.setdefault("max_num_batched_tokens", str(a.max_num_batched_tokens))
-        params.setdefault("max_model_len", str(WORKLOADS[a.workload][1] + 16))
+        params.setdefault("max_model_len", str(workload_of(a)[1] + 16))
         server = start_shape_server(a.shape, workdir, **params)
     else:
         server = Server(a.model_repository, os.path.join(workdir, "server.log")).start()
@@ -376,7 +396,11 @@ def parse_args(argv):
     ap.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a running server")
     ap.add_argument("--tokenizer", default="", help="directory with the served model's tokenizer.json")
     ap.add_argument("--rates", type=float, nargs="+", default=[8, 16, 24], help="requests per second")
-    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS) + ["fixed"], default="mixed")
+    ap.add_argument("--input-len", type=int, nargs=2, default=[512, 512], help="fixed workload: inputs uniform in [A, B]")
+    ap.add_argument("--output-len", type=int, default=256, help="fixed workload: output tokens")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[],
+                    help="closed loop at these concurrencies instead of --rates (--num-requests each, default 2 x N)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
     ap.add_argument("--num-requests", type=int, default=0, help="requests per rate (instead of --duration)")
     ap.add_argument("--seed", type=int, default=0)
@@ -413,15 +437,20 @@ def write_lines(path, rows, mode):
 
 def run_rates(a, url, prompts):
     slo = Slo(a.slo_ttft_ms, a.slo_ttft_long_ms, a.slo_itl_ms)
+    lengths = workload_of(a)[0]
     if a.warmup:
-        warm = plan_requests(a.workload, 1000.0, prompts, seed=a.seed + 1, num_requests=a.warmup, scale=a.scale)
+        warm = plan_requests(a.workload, 1000.0, prompts, seed=a.seed + 1, num_requests=a.warmup, scale=a.scale,
+                             lengths=lengths)
         asyncio.run(run_plan(url, warm, a.request_timeout))
     rows = []
-    for rate in a.rates:
-        planned = plan_requests(a.workload, rate, prompts, a.seed, a.duration, a.num_requests, a.scale)
-        run = asyncio.run(run_plan(url, planned, a.request_timeout))
-        row = dict(label=a.label, workload=a.workload, rate=rate, seed=a.seed, scale=a.scale,
-                   duration_s=a.duration if not a.num_requests else None, **summarize(run, slo))
+    levels = [(None, c) for c in a.concurrency] or [(rate, 0) for rate in a.rates]
+    for rate, concurrency in levels:
+        num_requests = a.num_requests or (min(2 * concurrency, 256) if concurrency else 0)
+        planned = plan_requests(a.workload, rate or 1e9, prompts, a.seed, a.duration, num_requests, a.scale,
+                                lengths=lengths)
+        run = asyncio.run(run_plan(url, planned, a.request_timeout, concurrency))
+        row = dict(label=a.label, workload=a.workload, rate=rate, concurrency=concurrency or None, seed=a.seed,
+                   scale=a.scale, duration_s=a.duration if not num_requests else None, **summarize(run, slo))
         print(json.dumps(row), flush=True)
         write_lines(a.out, [row], "a")
         write_lines(a.requests_out, [dict(rate=rate, **r) for r in request_rows(run)], "a")

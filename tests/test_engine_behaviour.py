@@ -1,10 +1,11 @@
 """Engine behaviour beyond greedy equality: batch invariance, seeds, stops, streaming text, threads."""
+import dataclasses
 import threading
 
 import pytest
 
 from backend.detokenizer import decode_delta, new_state
-from backend.sampling_params import SamplingParams
+from backend.sampling_params import CUMULATIVE, DELTA, FINAL_ONLY, SamplingParams
 from tests.helpers import greedy, make_engine, prompt_set
 
 
@@ -113,6 +114,49 @@ def test_streamed_deltas_concatenate_and_never_split_characters(engine):
     for rid, o in final.items():
         assert "".join(deltas[rid]) == o.text
         assert o.text == engine.tokenizer.decode(o.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def run_with_output_kind(engine, requests, kind):
+    """Every output of each request (engine.step() with no filter), the params' output_kind set."""
+    seen = {}
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, dataclasses.replace(params, output_kind=kind))
+    while engine.has_unfinished():
+        for o in engine.step():
+            seen.setdefault(o.request_id, []).append(o)
+    return seen
+
+
+def test_output_kinds_carry_the_same_outputs(engine):
+    """DELTA outputs add up to CUMULATIVE's final one (text held back for stop strings included), and
+    FINAL_ONLY gives that final one alone."""
+    free = engine.generate(["Once upon"], SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True))[0]
+    stop = free.text[7:11]
+    requests = [("stopped", "Once upon", SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True,
+                                                         stop=[stop, "never there"], logprobs=2)),
+                ("kept", "Once upon", SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True,
+                                                      stop=[stop], include_stop_str_in_output=True)),
+                ("samples", "To be", SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=12, ignore_eos=True,
+                                                     logprobs=1)),
+                ("beams", "To be", SamplingParams(temperature=0.0, use_beam_search=True, n=2, max_tokens=6))]
+    cumulative = run_with_output_kind(engine, requests, CUMULATIVE)
+    delta = run_with_output_kind(engine, requests, DELTA)
+    final_only = run_with_output_kind(engine, requests, FINAL_ONLY)
+    assert cumulative["stopped"][-1].finish_reason == "stop" and cumulative["stopped"][-1].text == free.text[:7]
+    for rid, outputs in cumulative.items():
+        final = outputs[-1]
+        assert [o.finished for o in final_only[rid]] == [True]
+        everything = [dataclasses.replace(s, new_text=s.text) for s in final.samples]   # its one output is all new
+        assert final_only[rid][0].samples == everything
+        for s in final.samples:
+            parts = [p for o in delta[rid] for p in o.samples if p.index == s.index]
+            assert all(p.text == p.new_text for p in parts)
+            assert "".join(p.text for p in parts) == s.text
+            assert [t for p in parts for t in p.token_ids] == s.token_ids
+            assert [p.num_tokens for p in parts] == [sum(len(q.token_ids) for q in parts[:i + 1]) for i in range(len(parts))]
+            if s.logprobs is not None:
+                assert [m for p in parts for m in p.logprobs] == s.logprobs
+            assert (parts[-1].finish_reason, parts[-1].cumulative_logprob) == (s.finish_reason, s.cumulative_logprob)
 
 
 def test_prompt_too_long_is_refused(tiny_checkpoints):

@@ -38,7 +38,7 @@ def test_every_return_input_adds_its_declared_output():
     for name in serving.OPTIONAL_OUTPUTS:
         request = serving.parse_request({"text_input": np.array([b"x"], dtype=np.object_), name: np.array([True])})
         state = serving.RequestState("r", None, request)
-        sample = SampleOutput(0, "a", "a", [1], "stop")
+        sample = SampleOutput(0, "a", "a", [1], "stop", num_tokens=1)
         filled = serving.response_outputs(state, ["a"], RequestOutput("r", "x", 1, [sample], True))
         assert set(filled) == {"text_output", name.removeprefix("return_")}
 

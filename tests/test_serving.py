@@ -11,6 +11,7 @@ from backend import errors
 from backend.errors import EngineUnavailable
 from backend import serving
 from backend.outputs import RequestOutput, SampleOutput
+from backend.sampling_params import DELTA, FINAL_ONLY
 from backend.serving import BadRequest, ErrorKind, InFlight, MergedOutput, RequestState
 
 PROMPT = "ROMEO:"
@@ -46,7 +47,9 @@ def output(*samples, finished=False, error=None, num_prompt_tokens=3, error_kind
 
 
 def sample(new_text, text, num_tokens, index=0, finish_reason=None, cumulative_logprob=None):
-    return SampleOutput(index, new_text, text, list(range(num_tokens)), finish_reason, cumulative_logprob)
+    """num_tokens: the sample's output tokens so far (SampleOutput.num_tokens, whatever the output kind)."""
+    return SampleOutput(index, new_text, text, list(range(num_tokens)), finish_reason, cumulative_logprob,
+                        num_tokens=num_tokens)
 
 
 def strings(array):
@@ -263,17 +266,33 @@ def logprob_maps(tokens):
 def test_logprobs_output_streaming_one_map_per_token_of_the_response():
     state = request_state('{"logprobs": 1}', stream=flag(True), return_logprobs=flag(True))
     assert state.request.params.logprobs == 1
-    first, last = replies(state, [output(SampleOutput(0, "a", "a", [1], logprobs=logprob_maps([1]))),
-                                  output(SampleOutput(0, "bc", "abc", [1, 2, 3], "length", logprobs=logprob_maps([1, 2, 3])),
-                                         finished=True)])
+    assert state.request.params.output_kind == DELTA   # each output brings only its new maps
+    first, last = replies(state, [output(SampleOutput(0, "a", "a", [1], logprobs=logprob_maps([1]), num_tokens=1)),
+                                  output(SampleOutput(0, "bc", "bc", [2, 3], "length", logprobs=logprob_maps([2, 3]),
+                                                      num_tokens=3), finished=True)])
     assert json.loads(strings(first.outputs["logprobs"])[0]) == [{"1": {"logprob": -0.5, "rank": 1, "decoded_token": "<1>"}}]
     assert [list(m) for m in json.loads(strings(last.outputs["logprobs"])[0])] == [["2"], ["3"]]
 
 
+def test_logprobs_of_a_round_without_text_go_out_with_the_next_response():
+    """A token that adds no text yet (half a character) sends no response; its map must not be lost."""
+    state = request_state('{"logprobs": 0}', stream=flag(True), return_logprobs=flag(True),
+                          return_num_output_tokens=flag(True))
+    silent, first, last = replies(state, [
+        output(SampleOutput(0, "", "", [1], logprobs=logprob_maps([1]), num_tokens=1)),
+        output(SampleOutput(0, "é", "é", [2], logprobs=logprob_maps([2]), num_tokens=2)),
+        output(SampleOutput(0, "", "", [3], "length", logprobs=logprob_maps([3]), num_tokens=3), finished=True)])
+    assert silent is None
+    assert [list(m) for m in json.loads(strings(first.outputs["logprobs"])[0])] == [["1"], ["2"]]
+    assert first.outputs["num_output_tokens"].tolist() == [2]
+    assert [list(m) for m in json.loads(strings(last.outputs["logprobs"])[0])] == [["3"]] and last.final
+
+
 def test_logprobs_output_non_streaming_all_tokens_and_null_when_not_asked():
     state = request_state('{"logprobs": 0}', return_logprobs=flag(True))
-    final = replies(state, [output(SampleOutput(0, "ab", "ab", [4, 5], "stop", logprobs=logprob_maps([4, 5])),
-                                   finished=True)])[0]
+    assert state.request.params.output_kind == FINAL_ONLY   # one output, with every map
+    final = replies(state, [output(SampleOutput(0, "ab", "ab", [4, 5], "stop", logprobs=logprob_maps([4, 5]),
+                                                num_tokens=2), finished=True)])[0]
     assert [list(m) for m in json.loads(strings(final.outputs["logprobs"])[0])] == [["4"], ["5"]]
     plain = request_state(return_logprobs=flag(True))
     final = replies(plain, [output(sample("a", "a", 1, finish_reason="stop"), finished=True)])[0]
