@@ -13,6 +13,7 @@ import torch
 
 from backend.scheduler import Scheduler
 from backend.sequence import Sequence, SequenceGroup
+from backend.transfer import to_device
 
 
 def fork_samples(parent: Sequence, scheduler: Scheduler, device) -> list[Sequence]:
@@ -101,7 +102,7 @@ def select_beams(group: SequenceGroup, logprobs: torch.Tensor, eos_ids: set[int]
     next beams, after adding finished hypotheses to group.beam_hyps."""
     beams = group.live()
     width = group.params.beam_width
-    cum = torch.tensor([b.cum_logprob for b in beams], dtype=torch.float64, device=logprobs.device)
+    cum = to_device([b.cum_logprob for b in beams], logprobs.device, torch.float64)
     scores = cum.unsqueeze(1) + logprobs.double()
     top_scores, top_idx = scores.flatten().topk(min(2 * width, scores.numel()))
     vocab = logprobs.shape[1]

@@ -18,6 +18,7 @@ token is still in flight (Sequence.num_placeholders is 0 here).
 import torch
 
 from backend.sequence import Sequence
+from backend.transfer import to_device
 
 NEG_INF = float("-inf")
 
@@ -35,20 +36,14 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
     return logits
 
 
-def _on(device, values: list, dtype=torch.long) -> torch.Tensor:
-    """A small host list on the device. non_blocking: a copy from pageable memory is staged at once
-    and does not wait for the work queued on the stream (the forward pass), as a blocking one would."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
 def _allowed_token_ids(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     if not todo:
         return
     dev = logits.device
     local = [(k, t) for k, (_, seq) in enumerate(todo) for t in seq.params.allowed_token_ids]
     blocked = torch.ones(len(todo), logits.shape[1], dtype=torch.bool, device=dev)
-    blocked[_on(dev, [k for k, _ in local]), _on(dev, [t for _, t in local])] = False
-    rows = _on(dev, [i for i, _ in todo])
+    blocked[to_device([k for k, _ in local], dev), to_device([t for _, t in local], dev)] = False
+    rows = to_device([i for i, _ in todo], dev)
     logits[rows] = logits[rows].masked_fill(blocked, NEG_INF)
 
 
@@ -64,7 +59,7 @@ def _bad_words(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
                 hits_tokens.append(word[-1])
     if hits_rows:
         dev = logits.device
-        logits[_on(dev, hits_rows), _on(dev, hits_tokens)] = NEG_INF
+        logits[to_device(hits_rows, dev), to_device(hits_tokens, dev)] = NEG_INF
 
 
 def _logit_bias(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
@@ -75,8 +70,8 @@ def _logit_bias(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
     tokens = [t for _, seq in todo for t in seq.params.logit_bias]
     biases = [b for _, seq in todo for b in seq.params.logit_bias.values()]
     # (row, token) pairs are distinct (dict keys), so accumulate adds each bias once
-    logits.index_put_((_on(dev, rows), _on(dev, tokens)),
-                      _on(dev, biases, logits.dtype), accumulate=True)
+    logits.index_put_((to_device(rows, dev), to_device(tokens, dev)),
+                      to_device(biases, dev, logits.dtype), accumulate=True)
 
 
 def _penalties(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
@@ -91,20 +86,20 @@ def _penalties(logits: torch.Tensor, todo: list[tuple[int, Sequence]]):
         if seq.params.repetition_penalty != 1:
             seen_tokens += seq.token_ids
             seen_rows += [k] * len(seq.token_ids)
-    rows = _on(dev, [i for i, _ in todo])
+    rows = to_device([i for i, _ in todo], dev)
     x = logits[rows]
     counts = torch.zeros(len(todo), vocab, dtype=x.dtype, device=dev)
     if out_rows:
-        counts.index_put_((_on(dev, out_rows), _on(dev, out_tokens)),
+        counts.index_put_((to_device(out_rows, dev), to_device(out_tokens, dev)),
                           torch.ones(len(out_rows), dtype=x.dtype, device=dev), accumulate=True)
     if seen_rows:
         seen = torch.zeros(len(todo), vocab, dtype=torch.bool, device=dev)
-        seen[_on(dev, seen_rows), _on(dev, seen_tokens)] = True
-        rep = _on(dev, [seq.params.repetition_penalty for _, seq in todo], x.dtype)
+        seen[to_device(seen_rows, dev), to_device(seen_tokens, dev)] = True
+        rep = to_device([seq.params.repetition_penalty for _, seq in todo], dev, x.dtype)
         rep = torch.where(seen, rep.unsqueeze(1), torch.ones((), dtype=x.dtype, device=dev))
         x = torch.where(x > 0, x / rep, x * rep)
-    freq = _on(dev, [seq.params.frequency_penalty for _, seq in todo], x.dtype)
-    pres = _on(dev, [seq.params.presence_penalty for _, seq in todo], x.dtype)
+    freq = to_device([seq.params.frequency_penalty for _, seq in todo], dev, x.dtype)
+    pres = to_device([seq.params.presence_penalty for _, seq in todo], dev, x.dtype)
     x = x - freq.unsqueeze(1) * counts
     x = x - pres.unsqueeze(1) * (counts > 0).to(x.dtype)
     logits[rows] = x

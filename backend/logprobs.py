@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.transfer import to_device
 
 @dataclass
 class TokenLogprobs:
@@ -65,8 +66,8 @@ def prompt_chunk_logprobs(seqs, num_new_tokens, hidden: torch.Tensor, compute_lo
         return {}
     device = hidden.device
     top_k = max(k for *_, k in owners)
-    logits = compute_logits(hidden[torch.tensor(rows, device=device)])
-    packed = compute(logits, torch.tensor(targets, device=device), top_k).tolist()
+    logits = compute_logits(hidden[to_device(rows, device)])
+    packed = compute(logits, to_device(targets, device), top_k).tolist()
     found: dict = {}
     for (seq, position, k), row, target in zip(owners, packed, targets):
         found.setdefault(seq, []).append((position, unpack(row, target, top_k, k)))

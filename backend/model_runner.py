@@ -10,6 +10,7 @@ from backend.loader import load_model
 from backend.sampler import Sampler, SamplingBatch, StepResult
 from backend.scheduler import SchedulerOutput
 from backend.sequence import Sequence
+from backend.transfer import to_device
 from kernels.paged_attention import launch_configs
 
 
@@ -156,8 +157,7 @@ class ModelRunner:
                     at.append(i)
                     rows.append(row)
         if at:
-            at_t = torch.tensor(at, device=self.device)
-            input_ids[at_t] = in_flight.token_ids[torch.tensor(rows, device=self.device)]
+            input_ids[to_device(at, self.device)] = in_flight.token_ids[to_device(rows, self.device)]
 
     def _run_graph(self, key, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
         input_ids, ends, num_sampled = self.graphs.load(key, out.seqs, out.num_new_tokens)
@@ -171,7 +171,7 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
         if pairs:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*pairs))
+            src, dst = (to_device(x, self.device) for x in zip(*pairs))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()

@@ -17,6 +17,7 @@ from backend import logprobs
 from backend.logits_processors import apply_logits_processors
 from backend.logprobs import TokenLogprobs, unpack
 from backend.sequence import Sequence
+from backend.transfer import to_device
 
 
 @dataclass
@@ -96,15 +97,15 @@ class Sampler:
         rows = batch.rows
         # Raw rows of the requests that asked for log-probs, copied before sampling masks logits in place.
         logprob_rows = [i for i, seq in enumerate(batch.seqs) if seq.params.wants_logprob]
-        raw = logits[torch.tensor([rows[i] for i in logprob_rows], device=logits.device)] if logprob_rows else None
+        raw = logits[to_device([rows[i] for i in logprob_rows], logits.device)] if logprob_rows else None
         # Each non-beam logits row has at least one drawer, in order: one each and no beams is the identity.
         if len(rows) != logits.shape[0] or batch.beam_seqs:
-            logits = logits[rows]
+            logits = logits[to_device(rows, logits.device)]
         tokens = self.sample(logits, batch.seqs, batch.masked_ids) if rows else logits.new_empty(0, dtype=torch.long)
         packed, top_k = None, 0
         if logprob_rows:
             top_k = max(batch.seqs[i].params.logprobs or 0 for i in logprob_rows)
-            packed = logprobs.compute(raw, tokens[torch.tensor(logprob_rows, device=tokens.device)], top_k)
+            packed = logprobs.compute(raw, tokens[to_device(logprob_rows, tokens.device)], top_k)
         return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs, logprob_rows, packed, top_k)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
@@ -113,31 +114,34 @@ class Sampler:
         logits = apply_logits_processors(logits, seqs)   # penalties, bias, ...: only rows that ask
         for i, ids in enumerate(masked_ids):
             if ids:
-                logits[i, list(ids)] = float("-inf")
+                logits[i, to_device(list(ids), logits.device)] = float("-inf")
         tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if len(rows) == len(seqs):
+            return self._sample(logits, seqs)
         if rows:
-            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
+            on_device = to_device(rows, logits.device)
+            tokens[on_device] = self._sample(logits[on_device], [seqs[i] for i in rows])
         return tokens
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         dev = logits.device
-        logits = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+        logits = logits / to_device([p.temperature for p in params], dev, torch.float32).unsqueeze(1)
         vocab = logits.shape[1]
         if any(0 < p.top_k < vocab for p in params):
-            k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+            k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+            top_p = to_device([p.top_p for p in params], dev, torch.float32).unsqueeze(1)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Drop a token once the mass before it already reaches top_p (the top token always stays).
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
             probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+            min_p = to_device([p.min_p for p in params], dev, torch.float32).unsqueeze(1)
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):

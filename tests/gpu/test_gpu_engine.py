@@ -247,3 +247,27 @@ def test_prompt_logprobs_on_gpu_equal_cpu_fp32(tiny_checkpoints):
             assert set(mg) == set(mc)
             for t in mc:
                 assert mg[t]["rank"] == mc[t]["rank"] and mg[t]["logprob"] == pytest.approx(mc[t]["logprob"], abs=1e-3)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.0),
+    dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7),
+    dict(temperature=0.7, logprobs=2, min_tokens=4, n=2),
+    dict(temperature=0.7, logit_bias={5: 2.0}, allowed_token_ids=list(range(5, 300))),
+], ids=["greedy", "filters", "logprobs-n", "bias-allowed"])
+def test_steady_steps_never_block_the_host(params):
+    """Async scheduling holds only if nothing in a step waits for the GPU: with CUDA's sync debug
+    mode set to error, any blocking copy (a pageable host list sent to the device, a list index)
+    raises. The one wait allowed is the event of the previous step's tokens."""
+    engine = gpu(DEFAULT_MODEL, max_num_seqs=32)
+    for i, p in enumerate(prompt_set(12, seed=8, vocab=4000)):
+        engine.add_request(f"s{i}", "", SamplingParams(max_tokens=24, ignore_eos=True, **params), prompt_token_ids=p)
+    for _ in range(3):   # admission, prompt steps and the first forks happen outside the check
+        engine.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(12):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.core.async_scheduling and engine.has_unfinished()
