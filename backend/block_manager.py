@@ -73,7 +73,8 @@ class BlockManager:
             src, dst = seq.block_table[i], self._take_free()
             self.ref_counts[src] -= 1
             self.ref_counts[dst] = 1
-            seq.block_table[i] = dst
+            # A new list, not an in-place change: staged block tables are reused while the list is the same.
+            seq.block_table = seq.block_table[:i] + [dst] + seq.block_table[i + 1:]
             self.pending_copies.append((src, dst))
         for _ in range(grow):
             block_id = self._take_free()

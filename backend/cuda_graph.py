@@ -47,26 +47,34 @@ def regions(T: int, S: int):
     return int64, (slice(0, S), slice(s, s + S + 1))
 
 
-def stage_inputs(seqs, num_new_tokens, block_size, T, S, tok: np.ndarray, seq: np.ndarray, tables: np.ndarray):
+def stage_inputs(seqs, num_new_tokens, block_size, T, S, tok: np.ndarray, seq: np.ndarray, tables: np.ndarray,
+                 rows: list | None = None):
     """Write a step's inputs, padded to T tokens and S sequences, into host arrays laid out as a graph
     reads them (tok int64, seq int32: see regions; tables int32 [>= len(seqs), max blocks]).
+    rows: what `tables` holds already, per row (the block-table list written there and its length,
+    kept by the caller between steps): a row whose sequence's table did not change is not rewritten.
     Returns (ends, num_sampled, width): where each sequence's last token sits if this step reaches its
     end (else -1), how many logits rows there are, and the widest block table."""
     s = len(seqs)
     (r_ids, r_pos, r_slots, r_rows), (r_lens, r_starts) = regions(T, S)
-    ids, pos, slots, rows, lens, starts = tok[r_ids], tok[r_pos], tok[r_slots], tok[r_rows], seq[r_lens], seq[r_starts]
-    computed, total = np.empty(s, np.int64), np.empty(s, np.int64)
+    ids, pos, slots, rows_out, lens, starts = tok[r_ids], tok[r_pos], tok[r_slots], tok[r_rows], seq[r_lens], seq[r_starts]
+    computed = np.fromiter([sq.num_computed_tokens for sq in seqs], np.int64, s)
+    total = np.fromiter([sq.num_tokens for sq in seqs], np.int64, s)
     known, width = [], 0
     for i, (sq, n) in enumerate(zip(seqs, num_new_tokens)):
-        c = computed[i] = sq.num_computed_tokens
-        total[i] = sq.num_tokens
+        c = sq.num_computed_tokens
         chunk = sq.token_ids[c:c + n]
         known += chunk
         if len(chunk) < n:     # a token in flight (async scheduling): filled on the GPU before replay
             known += [0] * (n - len(chunk))
         table = sq.block_table
-        tables[i, :len(table)] = table
-        width = max(width, len(table))
+        size = len(table)
+        # The list itself is kept (not its id): a freed list's id could come back with other contents.
+        if rows is None or rows[i] is None or rows[i][0] is not table or rows[i][1] != size:
+            tables[i, :size] = table
+            if rows is not None:
+                rows[i] = (table, size)
+        width = max(width, size)
     new = np.asarray(num_new_tokens, np.int64)
     n = len(known)
     starts[0] = 0
@@ -81,7 +89,7 @@ def stage_inputs(seqs, num_new_tokens, block_size, T, S, tok: np.ndarray, seq: n
     reach = computed + new == total
     ends = np.where(reach, starts[1:s + 1] - 1, -1)
     sampled = ends[reach]
-    rows[:len(sampled)] = sampled
+    rows_out[:len(sampled)] = sampled
     return ends, len(sampled), width
 
 
@@ -102,6 +110,7 @@ class CUDAGraphs:
         pin = device.type == "cuda"
         self.staging = [tuple(t.cpu().pin_memory() if pin else t.cpu().clone() for t in (self.tok, self.seq, self.tables))
                         for _ in range(2)]
+        self.staged_rows = [[None] * max_num_seqs for _ in range(2)]   # per staging set: stage_inputs' rows
         self.turn = 0
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.hidden = None
@@ -153,9 +162,10 @@ class CUDAGraphs:
         stage_inputs' ends and logits row count."""
         T, S, _ = key
         tok, seq, tables = self.staging[self.turn]
+        rows = self.staged_rows[self.turn]
         self.turn ^= 1
         ends, num_sampled, width = stage_inputs(seqs, num_new_tokens, self.block_size, T, S, tok.numpy(),
-                                                seq.numpy(), tables.numpy())
+                                                seq.numpy(), tables.numpy(), rows)
         tok_end, seq_end = (r[-1].stop for r in regions(T, S))
         self.tok[:tok_end].copy_(tok[:tok_end], non_blocking=True)
         self.seq[:seq_end].copy_(seq[:seq_end], non_blocking=True)

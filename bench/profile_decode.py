@@ -58,6 +58,19 @@ def step_probe(engine):
     return record
 
 
+def host_profile(engine, steps: int, rows: int):
+    """The host's Python per step, by function (cProfile; its overhead inflates the times)."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(rows)
+
+
 def kernel_stats(prof, steps: int) -> dict:
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
@@ -75,6 +88,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--table", type=int, default=20, help="rows of the kernel table (0: none)")
+    ap.add_argument("--cprofile", type=int, default=0, help="also print the engine thread's top N functions (cProfile)")
     a = ap.parse_args()
     engine = build_engine(a.shape, max(a.num_seqs, 1), 8192, max_model_len=a.context + 4 * a.steps + 64,
                           enforce_eager=str(a.enforce_eager))
@@ -126,6 +140,8 @@ def main():
                           waiting_for_gpu_ms=round(wait * 1e3, 3), bound_ms=round(bound_ms, 3),
                           weight_read_ms=round(weight_ms, 3), of_bound=round(bound_ms / wall / 1e3, 3),
                           **kernel_stats(prof, a.steps))), flush=True)
+    if a.cprofile:
+        host_profile(engine, a.steps, a.cprofile)
     if a.table:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.table, max_name_column_width=70))
     engine.shutdown()

@@ -5,6 +5,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.cuda_graph import CUDAGraphs, decode_batch_sizes, mixed_token_buckets, regions
 from backend.model_runner import ModelRunner
@@ -131,3 +133,37 @@ def test_decode_step_reads_rows_in_order():
     (_, _, r_slots, _), (r_lens, r_starts) = regions(8, 8)
     assert g.seq[r_starts].tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5] and g.seq[r_lens].tolist() == [10] * 5 + [0] * 3
     assert np.array_equal(g.tok[r_slots].numpy(), [s.block_table[0] * BLOCK + 9 for s in seqs] + [-1] * 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["decode", "grow", "copy_on_write", "swap", "replace", "shuffle"]),
+                          st.integers(0, 5)), min_size=1, max_size=30))
+def test_reused_table_rows_follow_every_change(changes):
+    """load() rewrites only the block-table rows whose list changed since that staging set last held
+    them; over any run of changes, every staged step equals the reference recomputed from scratch."""
+    seqs = [seq(9 + 7 * i, 9 + 7 * i, output=1, first_block=20 * i) for i in range(6)]
+    spare = [seq(9 + 7 * i, 9 + 7 * i, output=1, first_block=200 + 20 * i) for i in range(6)]
+    g = graphs(max_num_seqs=8, max_blocks=32)
+    for kind, i in changes:
+        target = seqs[i]
+        if kind == "grow":            # a new block at the end (the list grows in place)
+            target.block_table.append(300 + len(target.block_table))
+        elif kind == "copy_on_write":   # a block replaced: BlockManager builds a new list
+            target.block_table = target.block_table[:-1] + [400 + i]
+        elif kind == "swap":          # another sequence, same table length, takes the row
+            seqs[i], spare[i] = spare[i], seqs[i]
+        elif kind == "replace":       # same list object length, fresh list of other blocks (preempted, readmitted)
+            target.block_table = [500 + b for b in range(len(target.block_table))]
+        elif kind == "shuffle":
+            seqs = seqs[i:] + seqs[:i]
+        for s in seqs:   # keep each a valid decode: its last position inside its table
+            s.num_computed_tokens = min(s.num_computed_tokens, len(s.block_table) * BLOCK - 1)
+            s.token_ids = s.token_ids[:s.num_computed_tokens + 1]
+        key = g.select(len(seqs), len(seqs))
+        g.load(key, seqs, [1] * len(seqs))
+        out = SchedulerOutput(seqs=list(seqs), num_new_tokens=[1] * len(seqs))
+        ref = reference_inputs(out, BLOCK)
+        (_, _, r_slots, _), _ = regions(*key[:2])
+        assert g.tok[r_slots][:len(seqs)].tolist() == ref.slots
+        for row, s in enumerate(seqs):
+            assert g.tables[row, :len(s.block_table)].tolist() == s.block_table
