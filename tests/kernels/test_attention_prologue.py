@@ -132,6 +132,28 @@ def test_padding_tokens_write_nothing():
     assert_matches_reference(q_out, q_ref)
 
 
+def test_any_strides_and_index_dtype():
+    """Views of one qkv share their strides, and the pool's caches have dense blocks; the kernel takes each
+    tensor's own: q contiguous, k from a wider tensor, v head-major, caches whose blocks are padded
+    (block stride != block_size * slot stride); int32 positions and slots."""
+    t, hq, hk, d = 7, 6, 2, 64
+    q = randn(t, hq, d)
+    k = randn(t, hk + 3, d, seed=1)[:, 1:hk + 1]
+    v = randn(hk, t, d, seed=2).transpose(0, 1)
+    padded = randn(2, NUM_BLOCKS, BLOCK_SIZE + 1, hk, d, seed=7)
+    before = padded.clone()
+    dense = padded[:, :, :BLOCK_SIZE].clone()      # the reference's caches (it views them flat: dense only)
+    slots, positions = scattered_slots(t).int(), unsorted_positions(t).int()
+    cs, norm = cos_sin_cache(d), norm_weights(d, torch.float32, True)
+    q_ref = qk_norm_rotary_store_ref(positions, q, k, v, dense[0], dense[1], slots, cs, **norm)
+    q_out = kernels.qk_norm_rotary_store(positions, q, k, v, padded[0, :, :BLOCK_SIZE], padded[1, :, :BLOCK_SIZE],
+                                         slots, cs, **norm)
+    assert_matches_reference(q_out, q_ref)
+    assert_matches_reference(padded[:, :, :BLOCK_SIZE], dense)
+    assert torch.equal(padded[1, :, :BLOCK_SIZE], dense[1])
+    assert torch.equal(padded[:, :, BLOCK_SIZE], before[:, :, BLOCK_SIZE])     # the blocks' padding rows
+
+
 def test_q_alone_normed():
     """Either norm may be given alone: k is then only rotated."""
     t, hq, hk, d = 5, 12, 4, 64
