@@ -7,5 +7,7 @@ from kernels.store_kvcache import store_kvcache
 from kernels.rms_norm import rms_norm
 from kernels.rotary import rotary_embedding
 from kernels.activation import silu_and_mul
+from kernels.attention_prologue import qk_norm_rotary_store
 
-__all__ = ["use_triton", "paged_attention", "store_kvcache", "rms_norm", "rotary_embedding", "silu_and_mul"]
+__all__ = ["use_triton", "paged_attention", "store_kvcache", "rms_norm", "rotary_embedding", "silu_and_mul",
+           "qk_norm_rotary_store"]

@@ -129,6 +129,11 @@ class Attention(nn.Module):
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
+    def _qk_norm_args(self) -> dict:
+        if not self.qk_norm:
+            return {}
+        return dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, eps=self.q_norm.eps)
+
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, cos_sin_cache):
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -136,11 +141,11 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache)
         k_cache, v_cache = kv_cache
-        kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # q/k norm (Qwen3), rotary and the cache write in one launch on the kernel path; q may be
+        # overwritten in place (it is a view of this step's qkv output), so only the returned q is used
+        q = kernels.qk_norm_rotary_store(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, cos_sin_cache,
+                                         **self._qk_norm_args())
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                     self.scale, meta.max_query_len, meta.split_decodes)
         return parallel.all_reduce(self.o_proj(o.reshape(t, -1)))   # row-parallel: sum the ranks' parts
