@@ -8,6 +8,7 @@ Prints a JSON line and the profiler's kernel table.
 import argparse
 import json
 import os
+import queue
 import sys
 import time
 
@@ -15,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backend.sampling_params import SamplingParams  # noqa: E402
+from backend.sampling_params import CUMULATIVE, DELTA, SamplingParams  # noqa: E402
 from bench.offline import build_engine, workload  # noqa: E402
 from bench.shapes import SHAPES, params_of  # noqa: E402
 
@@ -71,6 +72,29 @@ def host_profile(engine, steps: int, rows: int):
     stats.sort_stats("tottime").print_stats(rows)
 
 
+def segment_timer(engine):
+    """Wall seconds per part of the engine thread's step (perf_counter around each; ~1 us overhead each)."""
+    totals = {}
+    core = engine.core
+
+    def timed(owner, name, label):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+        setattr(owner, name, wrapper)
+    timed(core.scheduler, "schedule", "schedule")
+    timed(core.runner, "run", "runner.run (staging, launches)")
+    timed(core, "_update", "update (incl. waiting for tokens)")
+    timed(core, "_outputs", "core outputs")
+    timed(engine, "_handle", "front (output processor, callbacks)")
+    return totals
+
+
 def kernel_stats(prof, steps: int) -> dict:
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
@@ -88,14 +112,18 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--table", type=int, default=20, help="rows of the kernel table (0: none)")
+    ap.add_argument("--serving-like", action="store_true",
+                    help="as the server runs requests: DELTA outputs, detokenized, a callback per output")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the engine thread's top N functions (cProfile)")
     a = ap.parse_args()
     engine = build_engine(a.shape, max(a.num_seqs, 1), 8192, max_model_len=a.context + 4 * a.steps + 64,
                           enforce_eager=str(a.enforce_eager))
     prompts, _ = workload(a.num_seqs, (a.context, a.context), (1, 1))
-    params = SamplingParams(temperature=a.temperature, max_tokens=4 * a.steps + 32, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=a.temperature, max_tokens=4 * a.steps + 32, ignore_eos=True,
+                            detokenize=a.serving_like, output_kind=DELTA if a.serving_like else CUMULATIVE)
+    sink = queue.SimpleQueue()
     for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", "", params, prompt_token_ids=p)
+        engine.add_request(f"p{i}", "", params, prompt_token_ids=p, on_output=sink.put if a.serving_like else None)
     sched = engine.core.scheduler
     while engine.has_unfinished() and (engine._inbox or sched.waiting or any(
             s.num_computed_tokens < s.num_prompt_tokens for s in sched.running)):
@@ -109,6 +137,7 @@ def main():
             torch.cuda.synchronize(dev)
     waited = host_wait_timer(engine)
     probe = step_probe(engine)
+    segments = segment_timer(engine)
     sync()
     t = time.perf_counter()
     step_ms = []
@@ -123,6 +152,7 @@ def main():
     measured, slowest = list(step_ms), step_ms[-5:]
     step_ms = [m[0] for m in step_ms]
     wait = waited[0] / a.steps
+    measured_segments = dict(segments)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
@@ -139,6 +169,7 @@ def main():
                           running=len(engine.core.scheduler.running), host_busy_ms=round((wall - wait) * 1e3, 3),
                           waiting_for_gpu_ms=round(wait * 1e3, 3), bound_ms=round(bound_ms, 3),
                           weight_read_ms=round(weight_ms, 3), of_bound=round(bound_ms / wall / 1e3, 3),
+                          host_ms_per_step={k: round(v / a.steps * 1e3, 3) for k, v in measured_segments.items()},
                           **kernel_stats(prof, a.steps))), flush=True)
     if a.cprofile:
         host_profile(engine, a.steps, a.cprofile)
