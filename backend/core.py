@@ -259,15 +259,15 @@ class EngineCore:
     def _outputs(self) -> list[CoreOutput]:
         outputs = []
         for group in dict.fromkeys(self._touched):
-            outputs.append(self._core_output(group))
-            if group.finished:
+            finished = group.finished
+            outputs.append(self._core_output(group, finished))
+            if finished:
                 self._retire(group)
         self._touched = []
         return outputs
 
     @staticmethod
-    def _core_output(group: SequenceGroup) -> CoreOutput:
-        finished = group.finished
+    def _core_output(group: SequenceGroup, finished: bool) -> CoreOutput:
         if group.is_beam:   # beams are reordered every step: only the final ranking goes out
             samples = [SampleUpdate(s.index, s.output_token_ids, s.finish_reason, s.cum_logprob, replace=True)
                        for s in group.seqs] if finished else []

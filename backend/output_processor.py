@@ -131,7 +131,7 @@ class OutputProcessor:
             if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
                 stopped.append((out.request_id, update.index))   # the core still runs it
         state.finished = out.finished or (
-            not state.params.use_beam_search and len(state.samples) == state.params.n
+            bool(stopped) and not state.params.use_beam_search and len(state.samples) == state.params.n
             and all(s.finish_reason is not None for s in state.samples.values()))
         if state.finished:
             del self.requests[out.request_id]

@@ -135,4 +135,6 @@ class SequenceGroup:
 
     @property
     def finished(self) -> bool:
+        if len(self.seqs) == 1:   # asked per request per step: skip the generator in the common case
+            return self.seqs[0].is_finished
         return all(s.is_finished for s in self.seqs)
