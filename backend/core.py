@@ -10,6 +10,7 @@ sequence that turns out to have stopped was scheduled one step too many and that
 """
 import collections
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,7 @@ class EngineCore:
         # requests that fork (n > 1, beams) or need their whole output on the host (penalties, bad_words):
         # while any is in flight, steps are synchronous (SequenceGroup.steps_synchronously)
         self.num_stepping_synchronously = 0
+        self.gpu_wait_s = 0.0   # the host's time waiting for step results (metrics: where the loop's time goes)
         self.num_prompt_tokens = 0       # totals for metrics (read from other threads: plain ints)
         self.num_generation_tokens = 0
         self._touched: list[SequenceGroup] = []
@@ -208,7 +210,9 @@ class EngineCore:
         """The step's tokens are known: append them, apply the stop rules, run the beams."""
         if result is None:
             return
+        waited = time.perf_counter()
         tokens = result.host_token_ids()
+        self.gpu_wait_s += time.perf_counter() - waited
         self._observe_step(*result.step)
         for seq, token, logprobs in zip(result.seqs, tokens, result.host_logprobs(tokens)):
             if seq.is_finished:     # stopped (or aborted) while this token was being made
@@ -359,7 +363,8 @@ class EngineCore:
                 "kv_cache_usage_perc": 1.0 - bm.num_free_blocks / bm.num_blocks,
                 "num_preemptions_total": sched.num_preemptions, "prompt_tokens_total": self.num_prompt_tokens,
                 "generation_tokens_total": self.num_generation_tokens,
-                "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits}
+                "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits,
+                "engine_gpu_wait_seconds_total": self.gpu_wait_s}
 
     def shutdown(self):
         if self.workers is not None:

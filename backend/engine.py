@@ -45,6 +45,9 @@ class LLMEngine:
         # long, the prompt is refused without tokenizing the rest (megabytes would take seconds).
         self.max_prompt_chars = self.max_model_len * max(map(len, self.tokenizer.get_vocab()))
         self.num_rejected = 0                 # refused by max_queue_size (metrics)
+        # The loop thread's steps: wall and CPU seconds (metrics). With the core's GPU wait they show
+        # where a served step's time goes: wall - CPU - GPU wait is time without the GIL.
+        self.loop_wall_s = self.loop_cpu_s = 0.0
         self._deadlines: list[tuple[float, str, str]] = []   # heap of (when, request id, why), loop thread only
         # Requests in flight -> their callback: added under _wakeup by add_request, removed when finished.
         self._callbacks: dict[str, OutputCallback | None] = {}
@@ -73,7 +76,8 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to call from any thread."""
-        return {**self.core.stats(), "request_rejected_total": self.num_rejected}
+        return {**self.core.stats(), "request_rejected_total": self.num_rejected,
+                "engine_loop_seconds_total": self.loop_wall_s, "engine_loop_cpu_seconds_total": self.loop_cpu_s}
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str, params: SamplingParams,
@@ -249,7 +253,10 @@ class LLMEngine:
                 if self._stopping:
                     break
             try:
+                wall, cpu = time.perf_counter(), time.thread_time()
                 self.step()   # a request that breaks a step fails alone (EngineCore.step)
+                self.loop_cpu_s += time.thread_time() - cpu
+                self.loop_wall_s += time.perf_counter() - wall
                 if not self.core.healthy:
                     self._fail_all("the engine is not healthy: the GPU is not usable after an error")
             except Exception as e:   # the core as a whole is broken: fail what is in flight rather than hang it

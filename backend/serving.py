@@ -403,7 +403,11 @@ class MetricsBook:
 
     COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
                 "prefix_cache_queries", "prefix_cache_hits",
-                "request_rejected_total")   # ours: refused by max_queue_size
+                "request_rejected_total",   # ours: refused by max_queue_size
+                # ours, where the host's time goes: the engine loop's steps (wall, CPU of its thread, waiting
+                # for the GPU's tokens) and the response sender's CPU; wall - CPU - GPU wait = waiting for the GIL
+                "engine_loop_seconds_total", "engine_loop_cpu_seconds_total", "engine_gpu_wait_seconds_total",
+                "response_sender_cpu_seconds_total")
     GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
     # Requests that ended well, by finish reason (vLLM's label finished_reason).
     LABELED_COUNTERS = {"request_success_total": ("finished_reason", ("stop", "length", "abort"))}

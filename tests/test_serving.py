@@ -435,11 +435,14 @@ def test_metrics_counter_deltas_and_refresh():
     book = serving.MetricsBook()
     stats = {"prompt_tokens_total": 10, "generation_tokens_total": 4, "num_preemptions_total": 0,
              "prefix_cache_queries": 2, "prefix_cache_hits": 0, "num_requests_running": 1,
-             "num_requests_waiting": 0, "kv_cache_usage_perc": 0.1, "request_rejected_total": 0}
+             "num_requests_waiting": 0, "kv_cache_usage_perc": 0.1, "request_rejected_total": 0,
+             "engine_loop_seconds_total": 0.5, "engine_loop_cpu_seconds_total": 0.25, "engine_gpu_wait_seconds_total": 0,
+             "response_sender_cpu_seconds_total": 0}
     assert book.refresh_due(0.0) and not book.refresh_due(0.4) and book.refresh_due(0.5)
     assert book.refresh_due(0.6, force=True)   # a final response is about to go out
     assert book.counter_increments(stats) == {"prompt_tokens_total": 10, "generation_tokens_total": 4,
-                                              "prefix_cache_queries": 2}
+                                              "prefix_cache_queries": 2, "engine_loop_seconds_total": 0.5,
+                                              "engine_loop_cpu_seconds_total": 0.25}
     assert book.counter_increments(stats) == {}
     assert book.counter_increments(dict(stats, generation_tokens_total=9)) == {"generation_tokens_total": 5}
     assert set(book.GAUGES) <= set(stats)

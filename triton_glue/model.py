@@ -58,7 +58,7 @@ class _Metrics:
         self.families.append(family)
         return family
 
-    def record(self, merged, now, engine):
+    def record(self, merged, now, engine, sender_cpu_s):
         """Before the round's responses go out: a scrape after a final response sees all of it."""
         finished = False
         for state, entry in merged.items():
@@ -68,7 +68,7 @@ class _Metrics:
                 self.metrics[key].increment(1)
             finished = finished or entry.output.finished
         if self.book.refresh_due(now, force=finished):
-            stats = engine.stats()
+            stats = {**engine.stats(), "response_sender_cpu_seconds_total": sender_cpu_s}
             for name, delta in self.book.counter_increments(stats).items():
                 self.metrics[name].increment(delta)
             for name in self.book.GAUGES:
@@ -190,6 +190,7 @@ class TritonPythonModel:
 
     def _sender_loop(self):
         in_flight, stopping, broken_since = serving.InFlight(), False, None
+        cpu_s, cpu_start = 0.0, time.thread_time()
         while not stopping:
             if not self.engine.healthy:
                 broken_since = broken_since or time.monotonic()
@@ -198,10 +199,11 @@ class TritonPythonModel:
                     os._exit(1)
             merged, stopping = in_flight.take(self._take_queued())   # one response per request per round
             now = time.monotonic()
+            cpu_s, cpu_start = cpu_s + time.thread_time() - cpu_start, time.thread_time()
             interval = in_flight.cancel_check_interval()
             if self._metrics is not None:
                 try:
-                    self._metrics.record(merged, now, self.engine)
+                    self._metrics.record(merged, now, self.engine, cpu_s)
                 except Exception as e:  # noqa: BLE001 - metrics must never stop the responses
                     self.logger.log_error(f"llm: metrics disabled after an error: {e}")
                     self._metrics = None

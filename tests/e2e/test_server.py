@@ -495,6 +495,11 @@ def test_vllm_metrics(server):
                  "request_inference_time_seconds"):
         assert value(f"vllm:{name}_count", text) >= (1 if name == "time_per_output_token_seconds" else 3), name
     value = functools.partial(value, text=text)
+    # where the host's time goes: the loop's wall time holds its CPU time (a step of this tiny model on
+    # the CPU is mostly the thread's own work) and the wait for tokens; the sender has sent responses
+    loop, loop_cpu = value("vllm:engine_loop_seconds_total"), value("vllm:engine_loop_cpu_seconds_total")
+    assert 0 < loop_cpu <= loop * 1.05 and 0 <= value("vllm:engine_gpu_wait_seconds_total") <= loop
+    assert value("vllm:response_sender_cpu_seconds_total") > 0
     assert value("vllm:prompt_tokens_total") > 0
     assert value("vllm:generation_tokens_total") >= 12
     assert value("vllm:time_to_first_token_seconds_count") >= 3
