@@ -57,6 +57,26 @@ def fast_decoder(tokenizer):
     return decode
 
 
+def stream_decoder(tokenizer, context: list[int], skip_special_tokens: bool):
+    """HF tokenizers' own incremental decoder (DecodeStream: one call per token, the same windowed
+    rule as decode_delta in Rust), primed with the prompt's context; None where it does not apply:
+    no Rust tokenizer, a tokenizers release without it, special tokens kept (their spacing is
+    decode()'s, see fast_decoder), or a context that ends inside a character. step(token) -> the new text, "" while a character is incomplete."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not skip_special_tokens:
+        return None
+    if backend.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+        return None   # a prompt ending inside a character: decode_delta's rule (the two differ there)
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    stream = DecodeStream(skip_special_tokens=True)
+    for token in context:
+        stream.step(backend, token)
+    return lambda token: stream.step(backend, token) or ""
+
+
 def decode_delta(decode, token_ids: list[int], state: DetokenizerState, skip_special_tokens=True,
                  end: int | None = None, spaces_between_special_tokens=True) -> str:
     """Text added by the tokens past state.read_offset, up to token_ids[:end] (prompt + output);

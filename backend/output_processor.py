@@ -7,7 +7,7 @@ the caller, and the core is told to free it (it may have computed a token more; 
 import logging
 import time
 
-from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder
+from backend.detokenizer import CONTEXT_TOKENS, DetokenizerState, decode_delta, fast_decoder, stream_decoder
 from backend.logprobs import as_vllm_dict
 from backend.outputs import CoreOutput, RequestOutput, SampleOutput, SampleUpdate
 from backend.sampling_params import DELTA, FINAL_ONLY, SamplingParams
@@ -19,14 +19,16 @@ class SampleState:
     """One sample's text and tokens, kept so that each step costs what its new tokens cost: text
     is a list of pieces (joined only for an output that wants it all) plus a short `pending` tail
     that a stop string could still cut."""
-    __slots__ = ("ids", "num_context", "detok", "pieces", "pending", "num_pieces_sent", "num_tokens_sent",
-                 "finish_reason", "cumulative_logprob", "logprobs")
+    __slots__ = ("ids", "num_context", "detok", "step_text", "pieces", "pending", "num_pieces_sent",
+                 "num_tokens_sent", "finish_reason", "cumulative_logprob", "logprobs")
 
-    def __init__(self, prompt_token_ids: list[int], logprobs: bool = False):
+    def __init__(self, prompt_token_ids: list[int], logprobs: bool = False, step_text=None):
+        """step_text: detokenizer.stream_decoder's step for this sample, or None (decode_delta)."""
         context = prompt_token_ids[-CONTEXT_TOKENS:]   # so that a leading space of the output survives
         self.ids = list(context)                       # prompt context + output token ids
         self.num_context = len(context)
         self.detok = DetokenizerState(0, len(context))
+        self.step_text = step_text
         self.pieces: list[str] = []   # text no stop string can change any more
         self.pending = ""             # the text after it: the last `hold` characters while unfinished
         self.num_pieces_sent = 0      # pieces already in an output (DELTA)
@@ -80,15 +82,19 @@ class RequestState:
         # While a stop string could still be forming at the end of the text, hold those characters back.
         self.hold = max(map(len, params.stop)) - 1 if params.stop else 0
 
-    def sample(self, index: int) -> SampleState:
+    def sample(self, index: int, tokenizer) -> SampleState:
         state = self.samples.get(index)
         if state is None:
-            state = self.samples[index] = SampleState(self.prompt_token_ids, self.params.logprobs is not None)
+            p = self.params
+            step_text = (stream_decoder(tokenizer, self.prompt_token_ids[-CONTEXT_TOKENS:], p.skip_special_tokens)
+                         if p.detokenize and not p.use_beam_search else None)
+            state = self.samples[index] = SampleState(self.prompt_token_ids, p.logprobs is not None, step_text)
         return state
 
 
 class OutputProcessor:
     def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.decode = fast_decoder(tokenizer)
         self.requests: dict[str, RequestState] = {}
 
@@ -127,7 +133,7 @@ class OutputProcessor:
         if state.first_token_time is None and any(u.new_token_ids for u in out.samples):
             state.first_token_time = time.monotonic()
         for update in out.samples:
-            sample = state.sample(update.index)
+            sample = state.sample(update.index, self.tokenizer)
             if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
                 stopped.append((out.request_id, update.index))   # the core still runs it
         state.finished = out.finished or (
@@ -161,8 +167,11 @@ class OutputProcessor:
                 if not p.detokenize:
                     continue
                 old_len = len(sample.pending)
-                sample.pending += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens,
-                                               spaces_between_special_tokens=p.spaces_between_special_tokens)
+                if sample.step_text is not None:
+                    sample.pending += sample.step_text(token)
+                else:
+                    sample.pending += decode_delta(self.decode, sample.ids, sample.detok, p.skip_special_tokens,
+                                                   spaces_between_special_tokens=p.spaces_between_special_tokens)
                 if p.stop and self._stop_string(sample, p, old_len):
                     sample.finish_reason = "stop"
                     sample.settle(0)

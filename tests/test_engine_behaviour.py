@@ -207,3 +207,44 @@ def test_request_id_unique_while_in_flight(tiny_checkpoints):
     engine.add_request("same", "To be", greedy(3))   # finished: the id is free again
     while engine.has_unfinished():
         engine.step()
+
+
+def metaspace_tokenizer():
+    """A Llama-2-style tokenizer (SentencePiece's metaspace, byte fallback), trained in a moment."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
+    tok.train_from_iterator(["To be or not to be, that is the question: héllo ça 日本語 " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_stream_decoder_gives_decode_delta_text(engine, kind):
+    """The engine's per-token text (HF tokenizers' DecodeStream) adds up to what the windowed
+    decode_delta gives, never splits a character, on random ids including special tokens."""
+    import random
+    from backend.detokenizer import fast_decoder, stream_decoder
+    tokenizer = engine.tokenizer if kind == "byte-level" else metaspace_tokenizer()
+    decode, vocab = fast_decoder(tokenizer), len(tokenizer)
+    rng = random.Random(kind)
+    for _ in range(30):
+        context = [rng.randrange(vocab) for _ in range(rng.randint(0, 5))]
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        step = stream_decoder(tokenizer, context, skip_special_tokens=True)
+        if decode(context).endswith("\ufffd"):   # the context ends inside a character: decode_delta's rule
+            assert step is None
+            continue
+        streamed = [step(t) for t in ids]
+        state, tokens, windowed = new_state(len(context)), list(context), []
+        for t in ids:
+            tokens.append(t)
+            windowed.append(decode_delta(decode, tokens, state))
+        assert "".join(streamed) == "".join(windowed)
+        assert all(not piece.endswith("\ufffd") for piece in streamed)
+    assert stream_decoder(tokenizer, [], skip_special_tokens=False) is None   # spacing of special tokens: ours
