@@ -32,6 +32,7 @@ class EngineConfig:
     queue_timeout_s: float = 0.0           # a request not started after this long fails (overload); 0: no limit
     target_itl_ms: float = 0.0             # step time to hold (prompt chunks sized by a fitted cost model); 0: off
     max_prefill_bypass: int = 8            # later, shorter prompts that may go before a prompt; 0: arrival order
+    engine_core_process: bool = False      # the engine core (scheduler, model) in a process of its own
     # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
     hf: dict = field(default=None, init=False, repr=False)                     # the model's config.json
     torch_device: torch.device = field(default=None, init=False, repr=False)

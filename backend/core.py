@@ -96,7 +96,8 @@ class EngineCore:
 
     def finish_sequences(self, stopped: list[tuple[str, int]]):
         """(request id, sample index) pairs that the front saw stop (a stop string): free them. The
-        front knows already, so no output follows."""
+        front knows already; a request ended so gives one more (final) output, which the front
+        ignores and which tells a core in another process's client that it is done."""
         for request_id, index in stopped:
             group = self.requests.get(request_id)
             if group is None:
@@ -106,6 +107,7 @@ class EngineCore:
                     self.scheduler.finish(seq, "stop")
             if group.finished:
                 self._retire(group)
+                self._touched.append(group)
 
     def fail_request(self, request_id: str, error: str, kind: str):
         """End a request (if still running) with an error of `kind` (backend.errors): a deadline passed."""
@@ -355,7 +357,20 @@ class EngineCore:
             self.scheduler.finish(seq, "abort")
         self._touched.append(group)
 
+    def fail_if_waiting(self, request_id: str, error: str, kind: str):
+        """Fail a request that has not started yet (queue_timeout_s); one that has goes on."""
+        if not self.has_started(request_id):
+            self.fail_request(request_id, error, kind)
+
     # ---- state ----------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to read from any thread."""
         bm, sched = self.block_manager, self.scheduler

@@ -37,7 +37,11 @@ class LLMEngine:
         self.config = config.resolve()
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
-        self.core = EngineCore(config, self.eos_token_ids, runner, scheduler)
+        if config.engine_core_process:
+            from backend.core_process import CoreProcessClient
+            self.core = CoreProcessClient(self.config, self.eos_token_ids)
+        else:
+            self.core = EngineCore(config, self.eos_token_ids, runner, scheduler)
         self.processor = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len
         self.vocab_size = config.hf["vocab_size"]   # the logits' width: every token id a request names is below it
@@ -61,7 +65,7 @@ class LLMEngine:
         gc.collect()
         gc.freeze()
         log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d", config.torch_device,
-                 config.torch_dtype, self.core.block_manager.num_blocks, config.block_size, self.max_model_len)
+                 config.torch_dtype, self.core.num_blocks, config.block_size, self.max_model_len)
 
     @property
     def healthy(self) -> bool:
@@ -136,7 +140,7 @@ class LLMEngine:
         if not self.healthy:
             raise EngineUnavailable("the engine is not healthy (a tensor-parallel worker exited, or the GPU failed)")
         limit = self.config.max_queue_size
-        if limit and len(self._inbox) + len(self.core.scheduler.waiting) >= limit:
+        if limit and len(self._inbox) + self.core.num_waiting >= limit:
             self.num_rejected += 1
             raise EngineUnavailable(f"the server is overloaded: {limit} requests are waiting to start "
                                     "(max_queue_size); retry later")
@@ -150,7 +154,7 @@ class LLMEngine:
         width = max(params.n, params.beam_width)
         if width > min(self.config.max_num_seqs, self.config.max_num_batched_tokens):
             raise ValueError(f"'n' ({width}) exceeds max_num_seqs or max_num_batched_tokens of the engine")
-        num_blocks = self.core.block_manager.num_blocks
+        num_blocks = self.core.num_blocks
         lifetime_blocks = cdiv(min(len(ids) + params.max_tokens, self.max_model_len), self.config.block_size)
         # Beams advance in lockstep, so all of them must fit in the pool at once.
         if lifetime_blocks * (params.beam_width if params.use_beam_search else 1) > num_blocks:
@@ -196,13 +200,11 @@ class LLMEngine:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id, why = heapq.heappop(self._deadlines)
             if why == "queue":
-                if self.core.has_started(request_id):
-                    continue
                 error = (f"the server is overloaded: the request waited {self.config.queue_timeout_s:g} s "
                          "without starting (queue_timeout_s); retry later")
+                self.core.fail_if_waiting(request_id, error, UNAVAILABLE)
             else:
-                error = "the request's timeout expired"
-            self.core.fail_request(request_id, error, UNAVAILABLE)
+                self.core.fail_request(request_id, "the request's timeout expired", UNAVAILABLE)
 
     def _handle(self, core_outputs: list[CoreOutput], only_finished: bool = False) -> list[RequestOutput]:
         callbacks = self._callbacks

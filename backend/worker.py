@@ -21,6 +21,15 @@ from backend.models.llama import LlamaArgs, shard_for_rank
 log = logging.getLogger(__name__)
 
 
+def spawn_context():
+    """multiprocessing's spawn context, with a Python interpreter to spawn: inside Triton's
+    Python-backend stub sys.executable is the stub itself, so spawn with the environment's python."""
+    ctx = multiprocessing.get_context("spawn")
+    if not os.path.basename(sys.executable).startswith("python"):
+        ctx.set_executable(shutil.which("python3"))
+    return ctx
+
+
 class TensorParallelWorkers:
     """Starts ranks 1..size-1 and joins rank 0 (this process) to their process group."""
 
@@ -32,10 +41,7 @@ class TensorParallelWorkers:
             raise ValueError(f"parameter 'tensor_parallel_size' ({size}) exceeds the GPUs here "
                              f"({torch.cuda.device_count()})")
         init_file = tempfile.mktemp(prefix="llm-tp-")
-        ctx = multiprocessing.get_context("spawn")
-        if not os.path.basename(sys.executable).startswith("python"):
-            # Inside Triton's Python-backend stub sys.executable is the stub: spawn with the env's python.
-            ctx.set_executable(shutil.which("python3"))
+        ctx = spawn_context()
         self.procs = []
         for rank in range(1, size):
             p = ctx.Process(target=worker_main, args=(rank, size, init_file, config), name=f"llm-tp-worker-{rank}",

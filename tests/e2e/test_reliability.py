@@ -24,8 +24,9 @@ GRPC_HEADER = {"triton-grpc-protocol-llm-admin-key": ADMIN_KEY}   # Triton's pre
 soak = pytest.mark.skipif(not os.environ.get("LLM_SOAK"), reason="long variant: set LLM_SOAK=1")
 
 
-def start_server(tmp_path, tiny_model):
-    repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, num_gpu_blocks_override="2048")
+def start_server(tmp_path, tiny_model, **parameters):
+    repo = make_model_repository(str(tmp_path / "model_repository"), tiny_model, num_gpu_blocks_override="2048",
+                                 **parameters)
     srv = Server(repo, str(tmp_path / "tritonserver.log"), env={"LLM_ADMIN_KEY": ADMIN_KEY}).start().wait_ready()
     deadline = time.monotonic() + 10
     while "tritonserver is ready" not in srv.log() and time.monotonic() < deadline:
@@ -208,6 +209,47 @@ def test_killed_stub_fails_requests_in_flight_and_recovers(tmp_path, tiny_model)
         check_recovery(srv, outcome)
         print(f"recovered {outcome['recovered_s']:.1f} s after the kill; streams ended "
               f"{max(t for t, _ in outcome['results'].values()) - outcome['killed_at']:.1f} s after it")
+    finally:
+        srv.stop()
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_killed_engine_core_process_fails_requests_in_flight_and_recovers(tmp_path, tiny_model):
+    """engine_core_process: kill -9 the core's process under load; every stream in flight ends with an
+    error, the stub exits (a model without its core cannot serve) and the launcher brings it back."""
+    srv = start_server(tmp_path, tiny_model, engine_core_process="true")
+    try:
+        [stub] = live_stubs(srv)
+        [core] = [pid for pid in processes.children_of(stub) if b"spawn_main" in cmdline(pid)]   # not the resource tracker
+        results = {}
+        threads = [threading.Thread(target=stream_until_error, args=(srv, results, i)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)   # the streams are generating
+        assert not results, results
+        os.kill(core, signal.SIGKILL)
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(results) == 3
+        for ended_at, error in results.values():
+            assert error and ended_at - killed_at < 10, (error, ended_at - killed_at)
+        saw_not_ready = False
+        while time.monotonic() - killed_at < 60:
+            ready = is_ready(srv)
+            saw_not_ready |= not ready
+            if saw_not_ready and ready and generate_ok(srv):
+                break
+            time.sleep(0.2)
+        assert saw_not_ready and generate_ok(srv), "the server did not come back after its engine core died"
+        assert stub not in live_stubs(srv) and "the engine core process exited" in srv.log()
     finally:
         srv.stop()
 

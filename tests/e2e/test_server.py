@@ -18,6 +18,21 @@ PROMPT = "The capital of France is"
 HTTP_TIMEOUT = 60
 
 
+@pytest.fixture(scope="module", params=["core-in-stub", "core-process"])
+def server(request, tmp_path_factory, tiny_model):
+    """Every test here runs against both layouts: the engine core in the stub's process, and in a
+    process of its own (engine_core_process)."""
+    base = tmp_path_factory.mktemp(request.param)
+    extra = {"engine_core_process": "true"} if request.param == "core-process" else {}
+    repo = make_model_repository(str(base / "model_repository"), tiny_model, num_gpu_blocks_override="2048", **extra)
+    srv = Server(repo, str(base / "tritonserver.log")).start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
 class Reply:
     """status_code, text and json() of a finished HTTP response. (A requests.Response that stays
     referenced keeps its connection open, and open connections hold up the server's shutdown.)"""
