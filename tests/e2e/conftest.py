@@ -12,13 +12,18 @@ def tiny_model(tmp_path_factory):
                                 max_position_embeddings=4096)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_model):
-    base = tmp_path_factory.mktemp("server")
-    repo = make_model_repository(str(base / "model_repository"), tiny_model, num_gpu_blocks_override="2048")
+def serve_tiny_model(base, tiny_model, **parameters):
+    """A started, ready server of the tiny model (a generator: it stops the server when closed)."""
+    repo = make_model_repository(str(base / "model_repository"), tiny_model, num_gpu_blocks_override="2048",
+                                 **parameters)
     srv = Server(repo, str(base / "tritonserver.log")).start()
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model):
+    yield from serve_tiny_model(tmp_path_factory.mktemp("server"), tiny_model)

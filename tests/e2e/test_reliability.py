@@ -161,6 +161,19 @@ def grpc_stream_until_error(srv, results, i):
     client.close()
 
 
+def wait_recovered(srv, since, limit_s=60):
+    """Wait (up to limit_s after `since`) for the server to go not-ready and come back serving;
+    returns whether it was seen not ready."""
+    saw_not_ready = False
+    while time.monotonic() - since < limit_s:
+        ready = is_ready(srv)
+        saw_not_ready |= not ready
+        if saw_not_ready and ready and generate_ok(srv):
+            break
+        time.sleep(0.2)
+    return saw_not_ready
+
+
 def kill_stub_under_load(srv, streams=4):
     """kill -9 the stub with `streams` streams in flight (the last one over gRPC); returns what the
     test checks."""
@@ -175,13 +188,7 @@ def kill_stub_under_load(srv, streams=4):
     [stub] = live_stubs(srv)
     os.kill(stub, signal.SIGKILL)
     killed_at = time.monotonic()
-    saw_not_ready = False
-    while time.monotonic() - killed_at < 60:
-        ready = is_ready(srv)
-        saw_not_ready |= not ready
-        if saw_not_ready and ready and generate_ok(srv):
-            break
-        time.sleep(0.2)
+    saw_not_ready = wait_recovered(srv, killed_at)
     recovered_s = time.monotonic() - killed_at
     for t in threads:
         t.join(timeout=30)
@@ -241,14 +248,7 @@ def test_killed_engine_core_process_fails_requests_in_flight_and_recovers(tmp_pa
         assert len(results) == 3
         for ended_at, error in results.values():
             assert error and ended_at - killed_at < 10, (error, ended_at - killed_at)
-        saw_not_ready = False
-        while time.monotonic() - killed_at < 60:
-            ready = is_ready(srv)
-            saw_not_ready |= not ready
-            if saw_not_ready and ready and generate_ok(srv):
-                break
-            time.sleep(0.2)
-        assert saw_not_ready and generate_ok(srv), "the server did not come back after its engine core died"
+        assert wait_recovered(srv, killed_at) and generate_ok(srv), "the server did not come back after its core died"
         assert stub not in live_stubs(srv) and "the engine core process exited" in srv.log()
     finally:
         srv.stop()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import requests
 
+from .conftest import serve_tiny_model
 from .harness import MODEL_NAME, REPO, Server, grpc_input, make_model_repository
 
 PROMPT = "The capital of France is"
@@ -22,15 +23,8 @@ HTTP_TIMEOUT = 60
 def server(request, tmp_path_factory, tiny_model):
     """Every test here runs against both layouts: the engine core in the stub's process, and in a
     process of its own (engine_core_process)."""
-    base = tmp_path_factory.mktemp(request.param)
     extra = {"engine_core_process": "true"} if request.param == "core-process" else {}
-    repo = make_model_repository(str(base / "model_repository"), tiny_model, num_gpu_blocks_override="2048", **extra)
-    srv = Server(repo, str(base / "tritonserver.log")).start()
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve_tiny_model(tmp_path_factory.mktemp(request.param), tiny_model, **extra)
 
 
 class Reply:
