@@ -118,9 +118,9 @@ class CoreProcessClient:
             if not self._conn.poll(STEP_WAIT_S):
                 return outputs
             while True:
-                _, step_outputs, stats, samples = self._conn.recv()
+                _, step_outputs, stats, samples, healthy = self._conn.recv()
                 outputs += step_outputs
-                self._stats, self._core_healthy = stats, stats.get("healthy", True)
+                self._stats, self._core_healthy = stats, healthy
                 self.step_samples.extend(samples)
                 if not self._conn.poll(0):
                     break
@@ -163,7 +163,7 @@ def core_main(config: EngineConfig, eos_token_ids: set[int], commands, outputs):
         return
     gc.collect()
     gc.freeze()
-    outputs.send(("ready", {"num_blocks": core.num_blocks, "stats": snapshot(core)}))
+    outputs.send(("ready", {"num_blocks": core.num_blocks, "stats": core.stats()}))
     try:
         serve(core, commands, outputs)
     except (EOFError, OSError):   # the front went away: nothing left to serve
@@ -183,7 +183,7 @@ def serve(core, commands, outputs):
         step_outputs = core.step()   # after commands too: an abort's final output goes out this way
         samples = [core.step_samples.popleft() for _ in range(len(core.step_samples))]
         if step_outputs or samples:
-            outputs.send(("step", step_outputs, snapshot(core), samples))
+            outputs.send(("step", step_outputs, core.stats(), samples, core.healthy))
 
 
 def apply(core, message) -> bool:
@@ -204,7 +204,3 @@ def apply(core, message) -> bool:
     elif kind == "fail_all":
         core.fail_all(*args)   # the front has ended them already: only their resources go
     return True
-
-
-def snapshot(core) -> dict:
-    return {**core.stats(), "healthy": core.healthy}

@@ -61,7 +61,8 @@ def stream_decoder(tokenizer, context: list[int], skip_special_tokens: bool):
     """HF tokenizers' own incremental decoder (DecodeStream: one call per token, the same windowed
     rule as decode_delta in Rust), primed with the prompt's context; None where it does not apply:
     no Rust tokenizer, a tokenizers release without it, special tokens kept (their spacing is
-    decode()'s, see fast_decoder), or a context that ends inside a character. step(token) -> the new text, "" while a character is incomplete."""
+    decode()'s, see fast_decoder), or a context that ends inside a character.
+    step(token) -> the new text, "" while a character is incomplete."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not skip_special_tokens:
         return None

@@ -12,6 +12,7 @@ import torch
 
 from backend.transfer import to_device
 
+
 @dataclass
 class TokenLogprobs:
     token_id: int

@@ -132,12 +132,15 @@ class OutputProcessor:
                                      for e in out.prompt_logprobs]
         if state.first_token_time is None and any(u.new_token_ids for u in out.samples):
             state.first_token_time = time.monotonic()
+        stop_hit = False   # a stop string ended one of its samples here: perhaps the request too
         for update in out.samples:
             sample = state.sample(update.index, self.tokenizer)
-            if sample.finish_reason is None and self._apply(state, sample, update) and update.finish_reason is None:
-                stopped.append((out.request_id, update.index))   # the core still runs it
+            if sample.finish_reason is None and self._apply(state, sample, update):
+                stop_hit = True
+                if update.finish_reason is None:
+                    stopped.append((out.request_id, update.index))   # the core still runs it
         state.finished = out.finished or (
-            bool(stopped) and not state.params.use_beam_search and len(state.samples) == state.params.n
+            stop_hit and not state.params.use_beam_search and len(state.samples) == state.params.n
             and all(s.finish_reason is not None for s in state.samples.values()))
         if state.finished:
             del self.requests[out.request_id]

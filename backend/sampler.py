@@ -115,10 +115,10 @@ class Sampler:
         for i, ids in enumerate(masked_ids):
             if ids:
                 logits[i, to_device(list(ids), logits.device)] = float("-inf")
-        tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if len(rows) == len(seqs):
+        if len(rows) == len(seqs):   # no greedy row: no argmax to overwrite
             return self._sample(logits, seqs)
+        tokens = logits.argmax(dim=-1)
         if rows:
             on_device = to_device(rows, logits.device)
             tokens[on_device] = self._sample(logits[on_device], [seqs[i] for i in rows])
