@@ -367,9 +367,12 @@ class EngineCore:
     def num_blocks(self) -> int:
         return self.block_manager.num_blocks
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+    def num_queued(self, arriving: int = 0) -> int:
+        """Requests (waiting, plus `arriving` not yet added) beyond the free seats: those that could
+        not start even if the scheduler ran now. A burst's first requests wait a step before they
+        run; they are not queued."""
+        sched = self.scheduler
+        return max(0, len(sched.waiting) + arriving - max(0, sched.max_num_seqs - len(sched.running)))
 
     def stats(self) -> dict:
         """A snapshot for metrics (vLLM's names); safe to read from any thread."""

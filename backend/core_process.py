@@ -43,6 +43,7 @@ class CoreProcessClient:
         self._writer = threading.Thread(target=self._write_commands, name="llm-core-commands", daemon=True)
         self._writer.start()
         self.in_flight: set[str] = set()    # requests sent to the core and not yet finished
+        self._max_num_seqs = config.max_num_seqs
         self.step_samples: collections.deque = collections.deque(maxlen=4096)
         self._alive = True
         kind, payload = self._wait_ready()
@@ -68,9 +69,9 @@ class CoreProcessClient:
     def healthy(self) -> bool:
         return self._alive and self._core_healthy and self._proc.is_alive()
 
-    @property
-    def num_waiting(self) -> int:
-        return self._stats.get("num_requests_waiting", 0)
+    def num_queued(self, arriving: int = 0) -> int:
+        """Requests sent (plus `arriving`) beyond the core's seats; the core's counters lag a step."""
+        return max(0, len(self.in_flight) + arriving - self._max_num_seqs)
 
     def stats(self) -> dict:
         return self._stats

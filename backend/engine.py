@@ -140,7 +140,7 @@ class LLMEngine:
         if not self.healthy:
             raise EngineUnavailable("the engine is not healthy (a tensor-parallel worker exited, or the GPU failed)")
         limit = self.config.max_queue_size
-        if limit and len(self._inbox) + self.core.num_waiting >= limit:
+        if limit and self.core.num_queued(len(self._inbox)) >= limit:
             self.num_rejected += 1
             raise EngineUnavailable(f"the server is overloaded: {limit} requests are waiting to start "
                                     "(max_queue_size); retry later")

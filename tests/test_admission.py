@@ -20,17 +20,22 @@ def run(engine, until=None):
     return finals
 
 
-def test_max_queue_size_refuses_the_excess_and_counts_it(tiny_checkpoints):
-    engine = make_engine(tiny_checkpoints["llama"], max_queue_size=3)
-    for i in range(3):
-        engine.add_request(f"q{i}", "To be", greedy(4))
+def test_max_queue_size_counts_only_what_must_wait_for_a_seat(tiny_checkpoints):
+    """2 seats + 3 queued are accepted from a burst (before any step runs: the first two will start at
+    once, they do not queue); the 6th is refused and counted; a finished request makes room."""
+    engine = make_engine(tiny_checkpoints["llama"], max_num_seqs=2, max_queue_size=3)
+    for i in range(5):
+        engine.add_request(f"q{i}", "To be", greedy(4 if i == 0 else 12))
     with pytest.raises(EngineUnavailable, match="max_queue_size"):
-        engine.add_request("q3", "To be", greedy(4))
-    assert engine.stats()["request_rejected_total"] == 1
-    engine.step()   # they start: the queue has room again
-    engine.add_request("q4", "To be", greedy(4))
+        engine.add_request("q5", "To be", greedy(4))
+    engine.step()   # two start; three still wait for a seat
+    with pytest.raises(EngineUnavailable, match="max_queue_size"):
+        engine.add_request("q6", "To be", greedy(4))
+    assert engine.stats()["request_rejected_total"] == 2
+    run(engine, lambda finals: "q0" in finals)   # a seat frees: the queue has room again
+    engine.add_request("q7", "To be", greedy(4))
     finals = run(engine)
-    assert sorted(finals) == ["q0", "q1", "q2", "q4"] and all(o.error is None for o in finals.values())
+    assert sorted(finals) == ["q1", "q2", "q3", "q4", "q7"] and all(o.error is None for o in finals.values())
 
 
 def test_queue_timeout_fails_only_what_never_started(tiny_checkpoints):
