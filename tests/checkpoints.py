@@ -29,10 +29,23 @@ def train_tokenizer(vocab_size=384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def make_tiny_checkpoint(path, arch="llama", seed=0, **overrides):
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to path."""
+# A ChatML-style template (system turn, role markers, raise_exception), as many chat models carry.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>' ~ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_tiny_checkpoint(path, arch="llama", seed=0, chat_template=None, **overrides):
+    """Write config.json, model.safetensors, tokenizer files (with `chat_template`, if given) and
+    generation_config.json to path."""
     cfg_cls, model_cls, extra = ARCHS[arch]
     tokenizer = train_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = chat_template
     kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               bos_token_id=0, eos_token_id=1, rope_theta=10000.0)

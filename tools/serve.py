@@ -9,7 +9,7 @@ in a writable folder (``.triton/`` in the repository), and the running interpret
 folder is put first on PATH: the stub runs the model in the environment of the first
 ``python3`` on PATH.
 
-    python tools/serve.py                                  # HTTP 8000, gRPC 8001, metrics 8002
+    python tools/serve.py                                  # HTTP 8000, gRPC 8001, metrics 8002, OpenAI 9000
     python tools/serve.py --http-port 9000 --model-repository /tmp/repo -- --log-verbose=1
 
 Unknown arguments are passed through to tritonserver.
@@ -18,6 +18,10 @@ Safe defaults: the server listens on 127.0.0.1; the shared-memory, model-reposit
 trace APIs need the header `llm-admin-key: $LLM_ADMIN_KEY` (without the variable, a random key
 that nobody knows). tritonserver runs as a child that supervisor.py restarts when its
 Python-backend stub dies or it crashes; stopping the launcher stops it and leaves nothing behind.
+
+Beside the server runs the OpenAI-compatible front (entrypoints/api_server.py: /v1/completions,
+/v1/chat/completions, /v1/models, /health and vLLM's /generate) on --openai-port (0: none), which
+sends each request to the served model over gRPC; it is restarted on its own if it dies.
 
 The backend directory also gets a Python-based backend `vllm` (model_repository/llm/1/model.py, which serves both): a model
 repository written for Triton's vLLM backend (config.pbtxt `backend: "vllm"`, 1/model.json of vLLM
@@ -34,7 +38,7 @@ import sys
 import sysconfig
 import tempfile
 
-from supervisor import Supervisor
+from supervisor import Companion, Supervisor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -182,8 +186,13 @@ def parse_args(argv):
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=9000,
+                   help="port of the OpenAI-compatible front and vLLM's /generate (0: don't start it)")
+    p.add_argument("--openai-model", default="llm", help="the model the OpenAI front serves")
+    p.add_argument("--chat-template", default=None,
+                   help="a jinja chat template (file) for the OpenAI front instead of the tokenizer's")
     p.add_argument("--address", default="127.0.0.1",
-                   help="address for HTTP, gRPC and metrics (0.0.0.0 to listen on all)")
+                   help="address for HTTP, gRPC, metrics and the OpenAI front (0.0.0.0 to listen on all)")
     p.add_argument("--work-dir", default=os.environ.get("LLM_TRITON_WORK_DIR", os.path.join(REPO, ".triton")),
                    help="writable folder for the backend copy (default: .triton in the repository)")
     p.add_argument("--admin-apis", default=ADMIN_APIS,
@@ -261,11 +270,26 @@ def server_env(libs):
     return env
 
 
+def local_host(address):
+    """How this host reaches a server listening on `address` (a wildcard address: loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(address, address)
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def ready_url(args):
-    """The server's readiness endpoint as the launcher reaches it (a wildcard address: loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(args.address, args.address)
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"http://{host}:{args.http_port}/v2/health/ready"
+    return f"http://{local_host(args.address)}:{args.http_port}/v2/health/ready"
+
+
+def openai_front(args, env):
+    """The OpenAI front as a companion process, or None (--openai-port 0)."""
+    if not args.openai_port:
+        return None
+    cmd = [sys.executable, "-m", "entrypoints.api_server", "--host", args.address, "--port", str(args.openai_port),
+           "--triton-url", f"{local_host(args.address)}:{args.grpc_port}", "--model", args.openai_model,
+           "--model-repository", os.path.abspath(args.model_repository)]
+    if args.chat_template:
+        cmd += ["--chat-template", os.path.abspath(args.chat_template)]
+    return Companion("the OpenAI front", cmd, env)
 
 
 def main(argv=None):
@@ -288,15 +312,18 @@ def main(argv=None):
            "--metrics-address", args.address, "--metrics-port", str(args.metrics_port),
            *security_args(args.admin_apis, key, extra), *shm, *extra]
     env = server_env(libs)
+    front = openai_front(args, env)
     if args.print_command:
         for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH"):
             print(f"{k}={env[k]}")
         print(" ".join(cmd).replace(key, "<admin key>"))
+        if front is not None:
+            print(" ".join(front.cmd))
         return 0
     sys.stdout.flush()
     exit_timeout = float(_flag_value(extra, "--exit-timeout-secs", 30))
     supervisor = Supervisor(cmd, env, ready_url(args), shm_prefix, exit_timeout_s=exit_timeout,
-                            max_restarts=args.max_restarts)
+                            max_restarts=args.max_restarts, companions=[front] if front else [])
     return supervisor.run()
 
 

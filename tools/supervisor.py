@@ -44,10 +44,48 @@ def log(message):
     print(f"serve.py: {message}", file=sys.stderr, flush=True)
 
 
+class Companion:
+    """A process that serves beside tritonserver (the OpenAI front): started once, restarted on its
+    own when it dies (unless it dies within QUICK_EXIT_S of its start: a port in use, say), left
+    running while tritonserver restarts, stopped with the launcher."""
+    QUICK_EXIT_S = 5.0
+
+    def __init__(self, name, cmd, env):
+        self.name, self.cmd, self.env = name, cmd, env
+        self.proc, self.exit_code, self.started_at = None, None, None
+
+    def start(self):
+        self.exit_code, self.started_at = None, time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, process_group=0,
+                                     preexec_fn=processes.die_with_parent(os.getpid()))
+        log(f"{self.name} started (pid {self.proc.pid})")
+
+    def reaped(self, pid, code):
+        if self.proc is not None and pid == self.proc.pid:
+            self.exit_code = self.proc.returncode = code
+            return True
+        return False
+
+    def restart_if_dead(self):
+        if self.exit_code is None or self.proc is None:
+            return
+        if time.monotonic() - self.started_at < self.QUICK_EXIT_S:
+            log(f"{self.name} exited with {self.exit_code} right after its start: not restarting it")
+            self.proc = None
+            return
+        log(f"{self.name} exited with {self.exit_code}: restarting it")
+        self.start()
+
+    def stop(self):
+        if self.proc is not None and self.exit_code is None:
+            processes.kill_group(self.proc.pid, signal.SIGTERM)
+
+
 class Supervisor:
     def __init__(self, cmd, env, ready_url, shm_prefix, exit_timeout_s=30.0, max_restarts=5,
-                 restart_window_s=600.0, poll_s=0.5, zombie_grace_s=1.0):
+                 restart_window_s=600.0, poll_s=0.5, zombie_grace_s=1.0, companions=()):
         self.cmd, self.env, self.ready_url, self.shm_prefix = cmd, env, ready_url, shm_prefix
+        self.companions = list(companions)
         # Triton waits up to its exit timeout for requests in flight, then unloads the models.
         self.stop_timeout_s = exit_timeout_s + 30.0
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
@@ -64,6 +102,14 @@ class Supervisor:
         self._install_signal_handlers()
         if not processes.become_subreaper():
             log("could not become a child subreaper: orphaned stubs are left to init")
+        for companion in self.companions:
+            companion.start()
+        try:
+            return self._serve_until_stopped()
+        finally:
+            self._stop_companions()
+
+    def _serve_until_stopped(self):
         first = True
         while True:
             outcome, value = self._serve_once(first)
@@ -99,6 +145,8 @@ class Supervisor:
             if ready_since is None and self._is_ready():
                 ready_since = time.monotonic()
                 log(f"tritonserver is ready ({ready_since - self.started_at:.1f} s after its start)")
+            for companion in self.companions:
+                companion.restart_if_dead()
             dead = self._dead_stub(zombies)
             if dead is not None:
                 self._kill_server()
@@ -116,6 +164,8 @@ class Supervisor:
 
     def _reap(self):
         for pid, code in processes.reap_children().items():
+            if any(companion.reaped(pid, code) for companion in self.companions):
+                continue
             if self.server is not None and pid == self.server.pid:
                 self.server_rc = code
                 self.server.returncode = code   # so that Popen never waits for it again
@@ -152,7 +202,8 @@ class Supervisor:
         processes.kill_group(self.server.pid)
         time.sleep(0.1)
         self._reap()
-        for pid in processes.children_of(os.getpid()):
+        keep = {c.proc.pid for c in self.companions if c.proc is not None and c.exit_code is None}
+        for pid in processes.children_of(os.getpid()) - keep:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -161,6 +212,18 @@ class Supervisor:
         removed = processes.remove_shm_regions(self.shm_prefix) if self.shm_prefix else []
         if removed:
             log(f"removed {len(removed)} shared-memory region(s) left by the server")
+
+    def _stop_companions(self):
+        for companion in self.companions:
+            companion.stop()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(c.proc and c.exit_code is None for c in self.companions):
+            time.sleep(0.05)
+            self._reap()
+        for companion in self.companions:
+            if companion.proc is not None and companion.exit_code is None:
+                processes.kill_group(companion.proc.pid)
+        self._reap()
 
     # ------------------------------------------------------------------ health
 

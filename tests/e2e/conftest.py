@@ -6,10 +6,10 @@ from .harness import Server, make_model_repository
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from tests.checkpoints import make_tiny_checkpoint
+    from tests.checkpoints import CHAT_TEMPLATE, make_tiny_checkpoint
     # Long context so that a request can run for a few seconds (cancellation, shutdown tests).
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llama")), arch="llama",
-                                max_position_embeddings=4096)
+                                max_position_embeddings=4096, chat_template=CHAT_TEMPLATE)
 
 
 def serve_tiny_model(base, tiny_model, **parameters):

@@ -60,7 +60,9 @@ class Server:
         self.model_repository = model_repository
         self.log_path = log_path
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.openai_port = free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -71,7 +73,8 @@ class Server:
         cmd = [sys.executable, os.path.join(REPO, "tools", "serve.py"),
                "--model-repository", str(self.model_repository),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-               "--metrics-port", str(self.metrics_port), "--exit-timeout-secs", "10", *self.extra_args]
+               "--metrics-port", str(self.metrics_port), "--openai-port", str(self.openai_port),
+               "--exit-timeout-secs", "10", *self.extra_args]
         env = dict(os.environ, **self.env)
         self._log = open(self.log_path, "w")
         # A session of its own for the launcher. (The launcher runs tritonserver in a process group
