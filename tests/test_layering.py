@@ -64,3 +64,16 @@ def test_backend_does_not_import_triton_glue():
         if not os.path.exists(path):
             path = os.path.join(ROOT, *module.split("."), "__init__.py")
         assert "triton_python_backend_utils" not in open(path).read(), module
+
+
+def test_the_openai_front_holds_no_engine():
+    """entrypoints/ speaks to the server over gRPC only: it imports neither the engine nor torch (a
+    front process that stays small and starts at once)."""
+    folder = os.path.join(ROOT, "entrypoints")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            roots = {m.split(".")[0] for m in modules}
+            assert not roots & {"backend", "kernels", "torch", "triton_glue", "transformers"}, (name, roots)
