@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -229,6 +230,47 @@ async def stream_one(client, record, inputs, timeout_s):
         record.error = f"{type(e).__name__}: {e}"
 
 
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens": (\d+)')
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens": (\d+)')
+
+
+def openai_body(planned):
+    """The same request through the OpenAI front: every chunk carries the usage so far (vLLM's
+    continuous_usage_stats), so that each response's tokens are counted as on gRPC."""
+    return json.dumps({"model": MODEL_NAME, "prompt": planned.prompt, "max_tokens": planned.output_len,
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
+
+
+async def stream_one_openai(session, url, record, body, timeout_s):
+    """One request as server-sent events from /v1/completions; counts read off the raw bytes."""
+    import aiohttp
+    record.sent = time.perf_counter()
+    seen = 0
+    try:
+        async with session.post(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                now = time.perf_counter()
+                if b'"error"' in line[:20]:
+                    record.error = line.decode(errors="replace")[:200]
+                    continue
+                counted = COMPLETION_TOKENS.search(line)
+                if counted and int(counted.group(1)) > seen:
+                    record.responses.append((now, int(counted.group(1)) - seen))
+                    seen = int(counted.group(1))
+                prompt_tokens = PROMPT_TOKENS.search(line)
+                if prompt_tokens:
+                    record.num_input_tokens = int(prompt_tokens.group(1))
+    except Exception as e:  # noqa: BLE001 -- a broken connection fails this request, not the run
+        record.error = f"{type(e).__name__}: {e}"
+
+
 @dataclass
 class RunResult:
     records: list
@@ -239,31 +281,43 @@ class RunResult:
     send_lags_s: list     # how late each request left against its planned arrival
 
 
-async def run_plan(url, planned, request_timeout_s=600.0, concurrency=0):
-    """Send the planned requests at their arrival times over one channel; wait for all to finish.
+async def run_plan(url, planned, request_timeout_s=600.0, concurrency=0, api="grpc"):
+    """Send the planned requests at their arrival times; wait for all to finish. api "grpc": over
+    one gRPC channel (url host:port); "openai": to the OpenAI front (url http://host:port), an HTTP
+    connection per request in flight (server-sent events need one each).
     concurrency > 0: a closed loop instead, at most that many requests in flight (arrivals ignored)."""
-    import tritonclient.grpc.aio as aioclient
-
-    inputs = [request_inputs(p) for p in planned]   # built up front: the run's CPU is the client's own
     records = [RequestRecord(p) for p in planned]
-    client = aioclient.InferenceServerClient(url)
+    if api == "openai":
+        import aiohttp
+        bodies = [openai_body(p) for p in planned]
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+        def one(record, body):
+            return stream_one_openai(client, url, record, body, request_timeout_s)
+    else:
+        import tritonclient.grpc.aio as aioclient
+        bodies = [request_inputs(p) for p in planned]   # built up front: the run's CPU is the client's own
+        client = aioclient.InferenceServerClient(url)
+
+        def one(record, inputs):
+            return stream_one(client, record, inputs, request_timeout_s)
     try:
         tasks, lags = [], []
         cpu0, loop_cpu0, start = time.process_time(), time.thread_time(), time.perf_counter()
         if concurrency:
             seats = asyncio.Semaphore(concurrency)
 
-            async def seated(record, request):
+            async def seated(record, body):
                 async with seats:
-                    await stream_one(client, record, request, request_timeout_s)
-            tasks = [seated(r, i) for r, i in zip(records, inputs)]
+                    await one(record, body)
+            tasks = [seated(r, b) for r, b in zip(records, bodies)]
         else:
-            for record, request in zip(records, inputs):
+            for record, body in zip(records, bodies):
                 due = start + record.planned.arrival_s
                 if due > time.perf_counter():
                     await asyncio.sleep(due - time.perf_counter())
                 lags.append(max(0.0, time.perf_counter() - due))
-                tasks.append(asyncio.create_task(stream_one(client, record, request, request_timeout_s)))
+                tasks.append(asyncio.create_task(one(record, body)))
         await asyncio.gather(*tasks)
         end = max([start] + [r.responses[-1][0] for r in records if r.responses])
         return RunResult(records, start, end - start, time.process_time() - cpu0,
@@ -394,6 +448,9 @@ def launch_server(a, workdir):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a running server")
+    ap.add_argument("--openai-url", default="http://127.0.0.1:9000", help="its OpenAI front (--api openai/both)")
+    ap.add_argument("--api", choices=["grpc", "openai", "both"], default="grpc",
+                    help="send through Triton's gRPC, the OpenAI front, or both in turn (same server, same plan)")
     ap.add_argument("--tokenizer", default="", help="directory with the served model's tokenizer.json")
     ap.add_argument("--rates", type=float, nargs="+", default=[8, 16, 24], help="requests per second")
     ap.add_argument("--workload", choices=sorted(WORKLOADS) + ["fixed"], default="mixed")
@@ -435,26 +492,30 @@ def write_lines(path, rows, mode):
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def run_rates(a, url, prompts):
+def run_rates(a, urls, prompts):
+    """urls: {api: url}; each level runs through every api in turn (the same plan)."""
     slo = Slo(a.slo_ttft_ms, a.slo_ttft_long_ms, a.slo_itl_ms)
     lengths = workload_of(a)[0]
     if a.warmup:
         warm = plan_requests(a.workload, 1000.0, prompts, seed=a.seed + 1, num_requests=a.warmup, scale=a.scale,
                              lengths=lengths)
-        asyncio.run(run_plan(url, warm, a.request_timeout))
+        for api, url in urls.items():
+            asyncio.run(run_plan(url, warm, a.request_timeout, api=api))
     rows = []
     levels = [(None, c) for c in a.concurrency] or [(rate, 0) for rate in a.rates]
     for rate, concurrency in levels:
         num_requests = a.num_requests or (min(2 * concurrency, 256) if concurrency else 0)
         planned = plan_requests(a.workload, rate or 1e9, prompts, a.seed, a.duration, num_requests, a.scale,
                                 lengths=lengths)
-        run = asyncio.run(run_plan(url, planned, a.request_timeout, concurrency))
-        row = dict(label=a.label, workload=a.workload, rate=rate, concurrency=concurrency or None, seed=a.seed,
-                   scale=a.scale, duration_s=a.duration if not num_requests else None, **summarize(run, slo))
-        print(json.dumps(row), flush=True)
-        write_lines(a.out, [row], "a")
-        write_lines(a.requests_out, [dict(rate=rate, **r) for r in request_rows(run)], "a")
-        rows.append(row)
+        for api, url in urls.items():
+            run = asyncio.run(run_plan(url, planned, a.request_timeout, concurrency, api))
+            row = dict(label=a.label, api=api, workload=a.workload, rate=rate, concurrency=concurrency or None,
+                       seed=a.seed, scale=a.scale, duration_s=a.duration if not num_requests else None,
+                       **summarize(run, slo))
+            print(json.dumps(row), flush=True)
+            write_lines(a.out, [row], "a")
+            write_lines(a.requests_out, [dict(rate=rate, api=api, **r) for r in request_rows(run)], "a")
+            rows.append(row)
     return rows
 
 
@@ -476,9 +537,11 @@ def main(argv=None):
     if a.shape or a.launch_server:
         server = launch_server(a, tempfile.mkdtemp(prefix="llm-serving-rate-"))
     try:
-        url = server.grpc_url if server else a.url
+        grpc_url, openai_url = (server.grpc_url, server.openai_url) if server else (a.url, a.openai_url)
+        urls = {"grpc": grpc_url, "openai": openai_url}
+        urls = urls if a.api == "both" else {a.api: urls[a.api]}
         prompts = PromptBuilder(a.tokenizer or shape_dir_of(a.shape), seed=a.seed)
-        rows = run_rates(a, url, prompts)
+        rows = run_rates(a, urls, prompts)
         if server is not None and a.metrics_out:
             save_metrics(f"http://127.0.0.1:{server.metrics_port}/metrics", a.metrics_out)
         return rows

@@ -31,14 +31,10 @@ def error_response(message: str, status: int, param: str | None = None) -> web.R
     return web.json_response(error_body(message, status, param), status=status)
 
 
-def generation_error_status(e: GenerationError) -> int:
-    return 503 if e.unavailable else 400
-
-
 def generation_error(e: GenerationError) -> tuple[str, int, str | None]:
     """(message, status, param): the engine names the field it refuses first, in quotes."""
     named = re.match(r"'(\w+)'", e.message)
-    return e.message, generation_error_status(e), named.group(1) if named else None
+    return e.message, 503 if e.unavailable else 400, named.group(1) if named else None
 
 
 async def read_body(request: web.Request) -> dict:
@@ -179,7 +175,10 @@ class OpenAIServer:
                             if stream.response is None:
                                 for chunk in extra_chunks:
                                     await stream.send(chunk)
-                            await stream.send(choice(index, text, maps, reason))
+                            chunk = choice(index, text, maps, reason)
+                            if g.continuous_usage:
+                                chunk["usage"] = choices.usage()
+                            await stream.send(chunk)
         except GenerationError as e:
             if stream is None or stream.response is None:
                 return error_response(*generation_error(e))

@@ -40,6 +40,7 @@ class Generation:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False      # every chunk carries the usage so far (vLLM's continuous_usage_stats)
     logprobs: int | None = None         # most likely tokens to report per token (None: no log-probs)
     echo: bool = False
     request_id: str = ""
@@ -65,13 +66,15 @@ def check_model(body: dict, served: list[str]):
         raise RequestError(f"The model `{model}` does not exist (served: {', '.join(served)}).", "model", 404)
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> dict:
+    """{"include_usage", "continuous_usage"} of stream_options (vLLM's continuous_usage_stats too)."""
     options = _check_type(body, "stream_options", dict, "an object")
     if options is None:
-        return False
+        return {}
     if not stream:
         raise RequestError("'stream_options' can only be set when 'stream' is true", "stream_options")
-    return bool(_check_type(options, "include_usage", bool, "a boolean"))
+    return {"include_usage": bool(_check_type(options, "include_usage", bool, "a boolean")),
+            "continuous_usage": bool(_check_type(options, "continuous_usage_stats", bool, "a boolean"))}
 
 
 def _sampling(body: dict, names=OPENAI_SAMPLING + VLLM_SAMPLING) -> dict:
@@ -106,8 +109,8 @@ def parse_completion(body: dict, served: list[str]) -> Generation:
     sampling["max_tokens"] = body.get("max_tokens", 16)   # OpenAI's default; null: until max_model_len
     if logprobs is not None:
         sampling["logprobs"] = logprobs
-    return Generation(prompts, sampling, n=_n(body), stream=stream, include_usage=_stream_options(body, stream),
-                      logprobs=logprobs, echo=echo, request_id=f"cmpl-{uuid.uuid4().hex}")
+    return Generation(prompts, sampling, n=_n(body), stream=stream, logprobs=logprobs, echo=echo,
+                      request_id=f"cmpl-{uuid.uuid4().hex}", **_stream_options(body, stream))
 
 
 def parse_chat(body: dict, served: list[str]) -> tuple[Generation, list[dict], dict]:
@@ -141,8 +144,8 @@ def parse_chat(body: dict, served: list[str]) -> tuple[Generation, list[dict], d
     if options["add_generation_prompt"] and options["continue_final_message"]:
         raise RequestError("'add_generation_prompt' and 'continue_final_message' cannot both be true",
                            "continue_final_message")
-    generation = Generation([], sampling, n=_n(body), stream=stream, include_usage=_stream_options(body, stream),
-                            logprobs=logprobs, request_id=f"chatcmpl-{uuid.uuid4().hex}")
+    generation = Generation([], sampling, n=_n(body), stream=stream, logprobs=logprobs,
+                            request_id=f"chatcmpl-{uuid.uuid4().hex}", **_stream_options(body, stream))
     return generation, messages, options
 
 

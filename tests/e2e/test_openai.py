@@ -65,6 +65,10 @@ def test_completion_stream_with_usage(server, client):
     assert "".join(texts) == whole and len(texts) > 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    counted = [c.usage.completion_tokens for c in client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True})]   # vLLM's: usage in every chunk
+    assert counted == sorted(counted) and counted[-1] == 20 and len(set(counted)) > 1
 
 
 def test_n_and_batched_prompts(server, client):

@@ -96,3 +96,19 @@ def test_a_short_rate_against_the_server(server, tiny_model, tmp_path):
     assert row["output_tok_s"] == pytest.approx(row["output_tokens"] / row["wall_s"], rel=0.01)
     assert 0 <= row["goodput"] <= 1 and row["goodput_req_s"] <= row["request_s"] + 1e-9
     assert 0 < row["client_loop_cpu_share"] <= row["client_cpu_share"] and math.isfinite(row["client_cpu_share"])
+
+
+def test_the_same_plan_through_grpc_and_the_openai_front(server, tiny_model, tmp_path):
+    """--api both: the same requests through gRPC and through the OpenAI front (closed loop), each
+    request with exactly its tokens, counted from the front's per-chunk usage as on gRPC."""
+    per_request = tmp_path / "requests.jsonl"
+    rows = sr.main(["--url", server.grpc_url, "--openai-url", server.openai_url, "--api", "both",
+                    "--tokenizer", tiny_model, "--concurrency", "4", "--num-requests", "8", "--workload", "fixed",
+                    "--input-len", "8", "24", "--output-len", "12", "--warmup", "1", "--requests-out", str(per_request)])
+    assert [r["api"] for r in rows] == ["grpc", "openai"]
+    for row in rows:
+        assert row["completed"] == row["requests"] == 8 and row["wrong_length"] == row["input_len_mismatch"] == 0
+        assert row["output_tokens"] == 8 * 12 and row["responses"] >= 8
+    requests = [json.loads(line) for line in per_request.read_text().splitlines()]
+    by_api = {api: [r for r in requests if r["api"] == api] for api in ("grpc", "openai")}
+    assert [r["num_input_tokens"] for r in by_api["grpc"]] == [r["num_input_tokens"] for r in by_api["openai"]]
