@@ -8,10 +8,15 @@ tools/serve.py starts it beside tritonserver. Streams are server-sent events end
 cancelled, which cancels the gRPC call)."""
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import signal
+import sys
 import time
 from contextlib import aclosing
 
@@ -25,6 +30,7 @@ from entrypoints.triton_client import GenerationError, TritonLLM
 log = logging.getLogger("entrypoints.api_server")
 MAX_BODY_BYTES = 64 << 20   # the engine refuses prompts too long for the model with a clear error
 OWNER = "triton-llm-backend"
+PR_SET_PDEATHSIG = 1
 
 
 def error_response(message: str, status: int, param: str | None = None) -> web.Response:
@@ -316,17 +322,59 @@ def parse_args(argv=None):
     p.add_argument("--model-repository", default="model_repository",
                    help="where the model's folder is (to find its tokenizer's chat template)")
     p.add_argument("--chat-template", default=None, help="a jinja chat template (file or text) instead of the model's")
+    p.add_argument("--workers", type=int, default=1, help="processes serving the port (SO_REUSEPORT)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def serve(args):
+    """One process serving the port (with --workers > 1, one of several sharing it: SO_REUSEPORT)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     llm = TritonLLM(args.triton_url, args.model)
     server = OpenAIServer(llm, args.served_model_name or [args.model], os.path.abspath(args.model_repository),
                           args.chat_template)
     web.run_app(server.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
-                print=lambda message: log.info("%s", message))
+                reuse_port=args.workers > 1, print=lambda message: log.info("%s", message))
+
+
+def _worker(args):
+    if sys.platform == "linux":   # a worker never outlives the front that started it
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    serve(args)
+
+
+def serve_workers(args) -> int:
+    """--workers processes on one port (the kernel spreads connections among them): one asyncio
+    loop streams a few thousand chunks/s (each a gRPC message in and an HTTP write out), fewer than
+    a busy GPU makes. If one dies, all stop (exit 1), and the launcher starts the front again."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(args,), name=f"api-server-{i}") for i in range(args.workers)]
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    for w in workers:
+        w.start()
+    multiprocessing.connection.wait([w.sentinel for w in workers])
+    if not stopping:
+        log.error("an API server worker exited: stopping the others")
+        on_signal(None, None)
+    for w in workers:
+        w.join(10)
+        if w.is_alive():
+            w.kill()
+    return 0 if stopping else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.workers > 1:
+        sys.exit(serve_workers(args))
+    serve(args)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,9 @@ def parse_args(argv):
     p.add_argument("--openai-port", type=int, default=9000,
                    help="port of the OpenAI-compatible front and vLLM's /generate (0: don't start it)")
     p.add_argument("--openai-model", default="llm", help="the model the OpenAI front serves")
+    p.add_argument("--openai-workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="processes of the OpenAI front sharing its port (default: a quarter of the CPUs, "
+                        "1 to 4); one streams a few thousand chunks/s")
     p.add_argument("--chat-template", default=None,
                    help="a jinja chat template (file) for the OpenAI front instead of the tokenizer's")
     p.add_argument("--address", default="127.0.0.1",
@@ -286,7 +289,7 @@ def openai_front(args, env):
         return None
     cmd = [sys.executable, "-m", "entrypoints.api_server", "--host", args.address, "--port", str(args.openai_port),
            "--triton-url", f"{local_host(args.address)}:{args.grpc_port}", "--model", args.openai_model,
-           "--model-repository", os.path.abspath(args.model_repository)]
+           "--model-repository", os.path.abspath(args.model_repository), "--workers", str(args.openai_workers)]
     if args.chat_template:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]
     return Companion("the OpenAI front", cmd, env)

@@ -239,3 +239,41 @@ def test_a_killed_front_is_restarted_by_the_launcher(server, client):
     assert status == 200 and "the OpenAI front exited with -9: restarting it" in server.log()
     out = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0)
     assert out.choices[0].text == triton_text(server, PROMPT, 3)
+
+
+def test_workers_share_the_port_and_end_with_their_front(server, tiny_model, tmp_path):
+    """--workers 2: both processes answer on one port; a front killed outright takes its workers along."""
+    import os
+    import signal
+    import sys
+
+    from .harness import REPO, free_port
+    port = free_port()
+    front = subprocess.Popen([sys.executable, "-m", "entrypoints.api_server", "--port", str(port), "--workers", "2",
+                              "--triton-url", server.grpc_url, "--model-repository",
+                              str(server.model_repository)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(front.pid), "-f", "spawn_main"],
+                                                  capture_output=True, text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+            texts = {c.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0,
+                                          extra_headers={"Connection": "close"}).choices[0].text for _ in range(6)}
+        assert texts == {triton_text(server, PROMPT, 3)}
+    finally:
+        front.send_signal(signal.SIGKILL)
+        front.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
+                   for w in workers), "workers outlived their front"
