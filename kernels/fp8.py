@@ -32,14 +32,14 @@ def _round_to_e4m3_grid(x):
     truncates); on the GPU this costs a few integer ops per element of a memory-bound store."""
     bits = x.to(tl.int32, bitcast=True)
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)              # e4m3 subnormals share 2^-6's spacing
-    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)     # 3 mantissa bits
-    magnitude = tl.abs(x) / ulp                                         # exact: ulp is a power of two
-    rounded = ((magnitude + 12582912.0) - 12582912.0) * ulp             # 1.5 * 2^23: fp32 adds round to even
-    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)  # x's sign
+    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)     # 3 mantissa bits: powers of two,
+    inv_ulp = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # so these products are exact
+    rounded = ((tl.abs(x) * inv_ulp + 12582912.0) - 12582912.0) * ulp   # 1.5 * 2^23: fp32 adds round to even
+    return tl.where(bits < 0, -rounded, rounded)                        # the sign bit: -0.0 stays -0.0
 
 
 @lazy_jit
 def _to_fp8(x, scale):
     """fp32 x -> tl.float8e4nv of x / scale, bit-equal to to_fp8_ref (IEEE division, as torch's)."""
-    scaled = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     return _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
