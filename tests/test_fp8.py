@@ -247,3 +247,28 @@ def test_config_json_other_quant_methods_are_refused(tmp_path, tiny_checkpoints)
         json.dump(config, f)
     with pytest.raises(ValueError, match="block-wise"):
         engine_config(path).resolve()
+
+
+@pytest.mark.parametrize("layout", ["per_channel", "per_tensor"])
+def test_tensor_parallel_ranks_load_their_shard_of_the_scales(fp8_checkpoints, layout, monkeypatch):
+    """Under 2 ranks each loads its shard of an FP8 checkpoint: the column-parallel projections (qkv,
+    gate_up) their rows' weights and scales, the row-parallel ones (o, down) their columns with every
+    row's scale. (Rank state faked: load_model asks backend.parallel for the rank.)"""
+    from backend import parallel
+    path = fp8_checkpoints[layout]
+    whole = fp8_layers(load_model(engine_config(path).resolve()))
+    monkeypatch.setattr(parallel, "tp_size", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(parallel, "tp_rank", lambda: rank)
+        shard = fp8_layers(load_model(engine_config(path).resolve()))
+        for name, layer in shard.items():
+            w, s = whole[name].weight.view(torch.uint8), whole[name].weight_scale
+            if name.endswith(("qkv_proj", "gate_up_proj")):   # fused: each part's rows split, then concatenated
+                parts = [2, 1, 1] if name.endswith("qkv_proj") else [1, 1]
+                rows = [t.chunk(2)[rank] for t in torch.split(torch.arange(w.shape[0]), [w.shape[0] * p // sum(parts)
+                                                                                           for p in parts])]
+                rows = torch.cat(rows)
+                assert torch.equal(layer.weight.view(torch.uint8), w[rows]) and torch.equal(layer.weight_scale, s[rows])
+            else:
+                assert torch.equal(layer.weight.view(torch.uint8), w.chunk(2, dim=1)[rank])
+                assert torch.equal(layer.weight_scale, s)
