@@ -19,9 +19,8 @@ On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests che
 import torch
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max     # 448
-MIN_AMAX = 1e-12                         # an all-zero row (padding) gets a tiny scale, not 0 / 0
+import kernels
+from kernels.fp8 import FP8_DTYPE
 
 # The decoder layers' projections that run in FP8 (the embedding and the LM head stay in the model's dtype,
 # as in vLLM's FP8 checkpoints).
@@ -29,10 +28,9 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x [M, K] to FP8 with its own scale: (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    """Each row of x [M, K] to FP8 with its own scale: (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale.
+    One Triton launch on CUDA (activations, every step), the torch reference elsewhere (and for weights)."""
+    return kernels.per_token_quant_fp8(x)
 
 
 def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
