@@ -29,7 +29,7 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] to FP8 with its own scale: (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale.
-    One Triton launch on CUDA (activations, every step), the torch reference elsewhere (and for weights)."""
+    One Triton launch on CUDA (kernels.per_token_quant_fp8), the torch reference elsewhere; bit-equal."""
     return kernels.per_token_quant_fp8(x)
 
 
