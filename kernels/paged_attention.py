@@ -302,7 +302,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     if num_tokens == 0 or num_seqs == 0:
         return out
     if head_dim < 16 or head_dim & (head_dim - 1):   # the kernel tiles the head dim whole
-        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+                                   v_scale)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v caches must share a layout"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from backend.loader import load_model
-from backend.quantization import Fp8Linear, quantize_linears
+from backend.quantization import Fp8Linear
 from tests.checkpoints import make_fp8_checkpoint
 from tests.helpers import engine_config, greedy, make_engine, prompt_set
 
@@ -112,7 +112,7 @@ def fp8_layers(model):
 
 def test_fp8_checkpoint_loads_as_quantization_fp8(fp8_checkpoints):
     """The HF FP8 layout (per-channel scales [N, 1], input_scale) loads into the same FP8 weights and
-    scales, bit for bit, as our quantization of the fp32 checkpoint, and generates the same tokens.
+    scales, bit for bit, as our quantization of the fp32 checkpoint: the same logits (exactly), the same tokens.
     The checkpoint's quantization_config turns fp8 on by itself, as in vLLM."""
     loaded_config = engine_config(fp8_checkpoints["per_channel"]).resolve()
     assert loaded_config.quantization == "fp8"
@@ -122,6 +122,8 @@ def test_fp8_checkpoint_loads_as_quantization_fp8(fp8_checkpoints):
     for name in loaded:
         assert torch.equal(loaded[name].weight.view(torch.uint8), ours[name].weight.view(torch.uint8)), name
         assert torch.equal(loaded[name].weight_scale, ours[name].weight_scale), name
+    assert torch.equal(teacher_forced_logprobs(fp8_checkpoints["per_channel"]),
+                       teacher_forced_logprobs(fp8_checkpoints["src"], quantization="fp8"))
     prompts = prompt_set(4)
     a = make_engine(fp8_checkpoints["per_channel"]).generate(prompts, greedy(8))
     b = make_engine(fp8_checkpoints["src"], quantization="fp8").generate(prompts, greedy(8))
@@ -135,8 +137,8 @@ def test_per_tensor_scales_expand_to_channels_exactly(fp8_checkpoints):
     ckpt = load_file(os.path.join(fp8_checkpoints["per_tensor"], "model.safetensors"))
     model = load_model(engine_config(fp8_checkpoints["per_tensor"]).resolve())
     fused = model.model.layers[1].self_attn.qkv_proj
-    parts = [ckpt[f"model.layers.1.self_attn.{p}_proj.weight"].float() * ckpt[f"model.layers.1.self_attn.{p}_proj.weight_scale"]
-             for p in "qkv"]
+    prefix = "model.layers.1.self_attn"
+    parts = [ckpt[f"{prefix}.{p}_proj.weight"].float() * ckpt[f"{prefix}.{p}_proj.weight_scale"] for p in "qkv"]
     assert len({float(ckpt[f"model.layers.1.self_attn.{p}_proj.weight_scale"]) for p in "qkv"}) == 3
     assert torch.equal(fused.weight.float() * fused.weight_scale[:, None], torch.cat(parts))
 
@@ -156,7 +158,8 @@ def test_fp8_cache_has_the_blocks_of_its_bytes(fp8_checkpoints):
     runners = {kv: ModelRunner(engine_config(path, kv_cache_dtype=kv, cpu_kvcache_space_gb=2 ** -10, dtype=dtype))
                for kv, dtype in (("auto", "float32"), ("fp8", "float32"))}
     bf16 = ModelRunner(engine_config(path, cpu_kvcache_space_gb=2 ** -10, dtype="bfloat16"))
-    assert runners["fp8"].kv_cache.dtype == FP8 and runners["fp8"].kv_block_bytes() * 4 == runners["auto"].kv_block_bytes()
+    assert runners["fp8"].kv_cache.dtype == FP8
+    assert runners["fp8"].kv_block_bytes() * 4 == runners["auto"].kv_block_bytes()
     assert runners["fp8"].num_blocks == 4 * runners["auto"].num_blocks == 2 * bf16.num_blocks
     runners["fp8"].copy_blocks([(1, 3)])     # copy-on-write works on FP8 pools
 
