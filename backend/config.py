@@ -33,12 +33,18 @@ class EngineConfig:
     target_itl_ms: float = 0.0             # step time to hold (prompt chunks sized by a fitted cost model); 0: off
     max_prefill_bypass: int = 8            # later, shorter prompts that may go before a prompt; 0: arrival order
     engine_core_process: bool = False      # the engine core (scheduler, model) in a process of its own
+    quantization: str = ""                 # "" (none; an FP8 checkpoint still loads as fp8) or fp8: W8A8
+    kv_cache_dtype: str = "auto"           # auto: the model's dtype; fp8 (alias fp8_e4m3): e4m3 with k/v scales
     # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
     hf: dict = field(default=None, init=False, repr=False)                     # the model's config.json
     torch_device: torch.device = field(default=None, init=False, repr=False)
     torch_dtype: torch.dtype = field(default=None, init=False, repr=False)
+    kv_cache_torch_dtype: torch.dtype = field(default=None, init=False, repr=False)
 
     DTYPES = ("auto", "float32", "float16", "bfloat16")
+    QUANTIZATIONS = ("fp8",)                                   # besides none
+    KV_CACHE_DTYPES = ("auto", "fp8")
+    KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 
     @classmethod
     def from_parameters(cls, params: dict, model_dir_base: str = "") -> "EngineConfig":
@@ -129,6 +135,13 @@ class EngineConfig:
         check(0 <= self.queue_timeout_s < float("inf"), "queue_timeout_s", "must be >= 0 seconds (0: no limit)")
         check(0 <= self.target_itl_ms < float("inf"), "target_itl_ms", "must be >= 0 milliseconds (0: off)")
         check(self.max_prefill_bypass >= 0, "max_prefill_bypass", "must be >= 0 (0: prompts in arrival order)")
+        if self.quantization.lower() in ("none", "null"):
+            self.quantization = ""
+        check(self.quantization in ("",) + self.QUANTIZATIONS, "quantization",
+              f"must be fp8 or unset (none); supported: {', '.join(self.QUANTIZATIONS)}")
+        self.kv_cache_dtype = self.KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        check(self.kv_cache_dtype in self.KV_CACHE_DTYPES, "kv_cache_dtype",
+              "must be auto (the model's dtype), fp8 or fp8_e4m3")
 
     def resolve(self) -> "EngineConfig":
         """Settle what "auto" and 0 stand for: the device, the dtype, max_model_len and the model's
@@ -142,8 +155,25 @@ class EngineConfig:
         else:
             self.torch_device = torch.device(self.device)
         self.torch_dtype = self._pick_dtype()
+        self.kv_cache_torch_dtype = torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else self.torch_dtype
         self.max_model_len = self.max_model_len or self.hf.get("max_position_embeddings", 4096)
+        self._check_checkpoint_quantization()
         return self
+
+    def _check_checkpoint_quantization(self):
+        """An FP8 checkpoint (config.json quantization_config, quant_method fp8) loads as fp8 whether or not
+        `quantization` says so, as in vLLM; other methods and block-wise FP8 scales are refused."""
+        qc = self.hf.get("quantization_config")
+        if not qc or self.load_format == "dummy":
+            return
+        method = qc.get("quant_method")
+        if method != "fp8":
+            raise ValueError(f"the checkpoint's quantization_config has quant_method {method!r}: not supported "
+                             f"(supported: {', '.join(self.QUANTIZATIONS)})")
+        if qc.get("weight_block_size"):
+            raise ValueError("the checkpoint's FP8 weights have block-wise scales (quantization_config "
+                             "weight_block_size): not supported (per-tensor and per-channel scales are)")
+        self.quantization = "fp8"
 
     def _pick_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -169,8 +199,6 @@ IGNORED_ENGINE_ARGS = {
 NOOP_ENGINE_ARGS = {
     "pipeline_parallel_size": (1,),
     "enable_lora": (False,),
-    "quantization": (None,),
-    "kv_cache_dtype": ("auto",),
     "tokenizer_mode": ("auto",),
     "enable_chunked_prefill": (True,),   # prompts are always chunked
 }

@@ -64,8 +64,9 @@ class LLMEngine:
         # measured on the H100 host amid a Qwen3-0.6B run).
         gc.collect()
         gc.freeze()
-        log.info("engine: %s %s, %d KV blocks of %d tokens, max_model_len %d", config.torch_device,
-                 config.torch_dtype, self.core.num_blocks, config.block_size, self.max_model_len)
+        log.info("engine: %s %s%s, %d KV blocks of %d tokens (%s), max_model_len %d", config.torch_device,
+                 config.torch_dtype, ", fp8 weights" if config.quantization == "fp8" else "", self.core.num_blocks,
+                 config.block_size, config.kv_cache_torch_dtype, self.max_model_len)
 
     @property
     def healthy(self) -> bool:

@@ -1,12 +1,13 @@
 """Hugging Face checkpoint directory -> our model, weights straight onto the target device."""
 import contextlib
 import json
+import math
 import os
 
 import torch
 from safetensors import safe_open
 
-from backend import parallel
+from backend import parallel, quantization
 from backend.config import EngineConfig
 from backend.models.llama import LlamaArgs, LlamaForCausalLM, rope_cos_sin_cache, shard_for_rank
 
@@ -39,28 +40,59 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
     device = config.torch_device
     with torch.device(device), _default_dtype(config.torch_dtype):
         model = LlamaForCausalLM(args)
+    fp8_checkpoint = config.load_format != "dummy" and is_fp8_checkpoint(config.hf)
+    if fp8_checkpoint:
+        quantization.fp8_linears(model)
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
     else:
-        _load_safetensors(model, config.model, device)
+        _load_safetensors(model, config.model, device, kv_scales=config.kv_cache_dtype == "fp8")
     model.fuse_weights()
+    if config.quantization == "fp8" and not fp8_checkpoint:
+        quantization.quantize_linears(model)
     # RoPE angles stay fp32 whatever the weights' dtype.
     model.cos_sin_cache = rope_cos_sin_cache(args, max(config.max_model_len, args.max_position)).to(device)
     return model.eval().requires_grad_(False)
 
 
-def _load_safetensors(model, model_dir, device):
+def is_fp8_checkpoint(hf: dict) -> bool:
+    return (hf.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+# Per-tensor FP8 KV-cache scales of vLLM checkpoints (kv_scale: one for both, older checkpoints).
+KV_SCALE_NAMES = {"self_attn.k_scale": ("k_scale",), "self_attn.v_scale": ("v_scale",),
+                  "self_attn.kv_scale": ("k_scale", "v_scale")}
+
+
+def _load_kv_scale(model, name, f, kv_scales):
+    """True if `name` is a KV-cache scale: loaded when the cache is FP8, else not needed."""
+    suffix = next((s for s in KV_SCALE_NAMES if name.endswith(s)), None)
+    if suffix is None:
+        return False
+    if kv_scales:
+        attn = model.get_submodule(name[:-len(suffix)] + "self_attn")
+        for buffer in KV_SCALE_NAMES[suffix]:
+            getattr(attn, buffer).copy_(f.get_tensor(name).float().reshape(1))
+    return True
+
+
+def _load_safetensors(model, model_dir, device, kv_scales=False):
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt", device=str(device)) as f:
             for name in f.keys():
+                if name.endswith(".input_scale") or _load_kv_scale(model, name, f, kv_scales):
+                    continue   # static activation scales: quantization uses dynamic per-token ones
                 if name not in params:
                     if "rotary_emb" in name:
                         continue
                     raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
                 param = params[name]
-                tensor = _load_shard(f, name, param.shape, model.args.tp_rank)
+                if name.endswith(".weight_scale"):
+                    tensor = _load_weight_scale(f, name, param.shape[0], model.args.tp_rank)
+                else:
+                    tensor = _load_shard(f, name, param.shape, model.args.tp_rank)
                 if tensor.shape != param.shape:
                     raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(param.shape)}")
@@ -86,6 +118,14 @@ def _load_shard(f, name, shape, rank):
     index = [slice(None)] * len(full)
     index[d] = slice(rank * shape[d], (rank + 1) * shape[d])
     return part[tuple(index)]
+
+
+def _load_weight_scale(f, name, channels, rank):
+    """An FP8 weight's scales as [channels] (this rank's, when its output channels are sharded)."""
+    full = f.get_slice(name).get_shape()
+    if math.prod(full) in (1, channels):
+        return quantization.checkpoint_scale(f.get_tensor(name), channels)
+    return quantization.checkpoint_scale(_load_shard(f, name, (channels, *full[1:]), rank), channels)
 
 
 def _init_dummy(model, seed):

@@ -20,6 +20,7 @@ class ModelRunner:
         self.config = config
         device, dtype, max_model_len = config.torch_device, config.torch_dtype, config.max_model_len
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
+        self.kv_dtype = config.kv_cache_torch_dtype      # the model's dtype, or float8_e4m3fn (1 byte an element)
         self.block_size = config.block_size
         self.model = load_model(config)
         self.num_blocks = self._num_kv_blocks()
@@ -28,7 +29,7 @@ class ModelRunner:
         a = self.model.args
         # One tensor for the whole pool: [k|v, layer, block, slot in block, kv head, head dim].
         self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads,
-                                    a.head_dim, dtype=dtype, device=device)
+                                    a.head_dim, dtype=self.kv_dtype, device=device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(a.num_layers)]
         self.sampler = Sampler(device, config.seed)
         self._prompt_logprobs: dict = {}   # of the step under way: {seq: [(position, TokenLogprobs)]}
@@ -64,7 +65,7 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         a = self.model.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_gpu_blocks_override:
@@ -82,7 +83,7 @@ class ModelRunner:
         a = self.model.args
         blocks = -(-n // self.block_size)
         cache = torch.zeros(2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                            dtype=self.dtype, device=self.device)
+                            dtype=self.kv_dtype, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
@@ -172,7 +173,8 @@ class ModelRunner:
         """Copy-on-write: give each writer its private copy of a shared block, in every layer."""
         if pairs:
             src, dst = (to_device(x, self.device) for x in zip(*pairs))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            pool = self.kv_cache.view(torch.uint8) if self.kv_dtype.itemsize == 1 else self.kv_cache  # fp8: as bytes
+            pool[:, :, dst] = pool[:, :, src]
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, batch: SamplingBatch, in_flight: StepResult | None = None) -> StepResult:

@@ -89,13 +89,17 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler kernel table")
+    ap.add_argument("--engine-param", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="more engine parameters, as in config.pbtxt (e.g. quantization=fp8 kv_cache_dtype=fp8)")
     ap.add_argument("--step-profile", action="store_true",
                     help="time each step's model run by kind (synchronizes after each step: no overlap)")
     a = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in a.engine_param)
     t_load = time.perf_counter()
     engine = build_engine(a.shape, a.max_num_seqs, a.max_num_batched_tokens,
                           max_model_len=a.input_len[1] + a.output_len[1] + 16,
-                          enforce_eager=str(a.enforce_eager), tensor_parallel_size=str(a.tensor_parallel_size))
+                          enforce_eager=str(a.enforce_eager), tensor_parallel_size=str(a.tensor_parallel_size),
+                          **extra)
     t_load = time.perf_counter() - t_load
     prompts, outs = workload(a.num_seqs, a.input_len, a.output_len)
     params = [SamplingParams(temperature=a.temperature, max_tokens=o, ignore_eos=True, detokenize=False)
@@ -110,7 +114,7 @@ def main():
     print(json.dumps(dict(engine="ours", shape=a.shape, num_seqs=a.num_seqs, input_len=a.input_len,
                           output_len=a.output_len, output_tokens=n, seconds=round(dt, 2),
                           output_tok_s=round(n / dt, 1), tensor_parallel_size=a.tensor_parallel_size, kv_blocks=engine.core.runner.num_blocks,
-                          load_s=round(t_load, 1), cuda_graphs=engine.core.runner.graphs is not None,
+                          load_s=round(t_load, 1), engine_params=extra, cuda_graphs=engine.core.runner.graphs is not None,
                           async_scheduling=engine.core.async_scheduling, ms_per_output_step=round(dt / max(a.output_len) * 1e3, 2),
                           **step_summary(stats, dt))))
     if a.profile:

@@ -33,7 +33,8 @@ class lazy_jit:
     (kernel bodies use them; modules using this write `from __future__ import annotations` so
     parameter annotations such as `tl.constexpr` stay strings until then), and every lazy_jit
     function of the module is decorated and rebinds its global name, so kernels that call helper
-    kernels resolve them as jit functions.
+    kernels resolve them as jit functions (a helper imported from another module, such as
+    kernels.fp8's, is taken from its own module, jitted there in the same way).
     """
 
     def __init__(self, fn=None, **jit_kwargs):
@@ -52,8 +53,8 @@ class lazy_jit:
             import triton.language as tl
             g["triton"], g["tl"] = triton, tl
             for name, obj in list(g.items()):
-                if isinstance(obj, lazy_jit):
-                    g[name] = triton.jit(obj.fn, **obj.jit_kwargs)
+                if isinstance(obj, lazy_jit):   # a helper imported from another module: jitted with its module
+                    g[name] = triton.jit(obj.fn, **obj.jit_kwargs) if obj.fn.__globals__ is g else obj.jitted()
         return g[self.fn.__name__]
 
     def __getitem__(self, grid):

@@ -19,6 +19,10 @@ The Triton path serves a packed batch that mixes prefill chunks and decodes in o
     whose query is not one token exit), then MODE_PREFILL with prefill-sized tiles over the
     upper-bound grid (one-token queries exit). A single launch would size every tile for the
     longest query, and 128-row tiles on decode rows cost tensor-core time rivalling the KV reads.
+FP8 caches (kv_cache_dtype fp8): K/V tiles are float8 e4m3, converted to q's dtype (exact: every e4m3
+value is a bf16, fp16 and fp32 value) for the same dots; the per-tensor k_scale folds into the score
+scale and v_scale multiplies the fp32 accumulator, so scales cost nothing per tile and are read on the
+device (no host sync, CUDA-graph safe).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import lazy_jit, next_pow2, use_triton
+from kernels.fp8 import from_fp8_ref, is_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -36,13 +41,15 @@ triton = tl = None  # bound to triton / triton.language by lazy_jit at the first
 MODE_ALL, MODE_DECODE, MODE_PREFILL = 0, 1, 2
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None,
+                        v_scale=None):
     """Varlen causal attention over the paged cache, for a packed batch of prefill chunks and decodes.
 
     q [T, Hq, D] holds each sequence's new tokens, packed (query_start_loc [S+1] gives the cuts);
     their K/V are already in the cache. Sequence s has seq_lens[s] tokens in all; its new tokens
     are the last ones, so query i of s sits at position seq_lens[s] - q_len + i and sees every
-    position up to it. block_tables [S, max_blocks] maps logical to physical blocks.
+    position up to it. block_tables [S, max_blocks] maps logical to physical blocks. FP8 caches are
+    dequantized (value * k_scale, value * v_scale) and attended in fp32 like the others.
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
@@ -54,8 +61,11 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
         if q_len == 0:
             continue
         blocks = block_tables[s, :(seq_len + block_size - 1) // block_size].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float()
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+        if is_fp8(k_cache):
+            k, v = from_fp8_ref(k, k_scale), from_fp8_ref(v, v_scale)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
         mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         o = F.scaled_dot_product_attention(q_s.float().transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
@@ -83,7 +93,8 @@ def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr)
 @lazy_jit
 def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len, tile_lo, tile_hi,
                   qk_scale, c_stride_b, c_stride_s, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TILE_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                  TILE_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                  KV_FP8: tl.constexpr):
     """Online softmax over KV tiles [tile_lo, tile_hi) (base 2, fp32). MASKED: the tiles may hold positions
     past the sequence or past some row's query; K/V loads are then masked at the sequence length
     (unwritten cache may hold NaN, and 0 x NaN = NaN) and scores at the causal frontier."""
@@ -101,6 +112,8 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
             k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, N]
         else:
             k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
+        if KV_FP8:   # exact in q's dtype; k_scale is folded into qk_scale
+            k = k.to(tl.float32).to(q.dtype)
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
         else:
@@ -116,6 +129,8 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
             v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
         else:
             v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
+        if KV_FP8:   # v_scale multiplies the accumulator at the end
+            v = v.to(tl.float32).to(q.dtype)
         if UPCAST_DOT:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -129,13 +144,13 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
 @lazy_jit(do_not_specialize=["num_seqs", "bt_stride"])
 def _paged_attention_kernel(
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-        seg_out_ptr, seg_max_ptr, seg_sum_ptr,
+        seg_out_ptr, seg_max_ptr, seg_sum_ptr, k_scale_ptr, v_scale_ptr,
         qk_scale, num_seqs, num_q_heads,
         q_stride_t, q_stride_h, o_stride_t, o_stride_h, c_stride_b, c_stride_s, c_stride_h, bt_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr):
+        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr, KV_FP8: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -182,6 +197,8 @@ def _paged_attention_kernel(
         tile_lo = 0
         tile_hi = num_tiles
 
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -192,15 +209,17 @@ def _paged_attention_kernel(
         num_full = (context_len + local_tile * BLOCK_Q + 1) // TILE_N
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tile_lo, tl.minimum(tile_hi, num_full), qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, False, DOT_PRECISION, UPCAST_DOT)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tl.maximum(tile_lo, num_full), tile_hi, qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
     else:
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tile_lo, tile_hi, qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     if NUM_SEGMENTS == 1:
         o = acc / l_i[:, None]
         tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
@@ -270,8 +289,8 @@ def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, d
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None, *,
-                           split_decodes=False, num_segments=None, block_m=None, tile_n=None, num_warps=None,
-                           num_stages=None):
+                           split_decodes=False, k_scale=None, v_scale=None, num_segments=None, block_m=None,
+                           tile_n=None, num_warps=None, num_stages=None):
     """split_decodes: two launches (see the module's docstring); max_query_len is then only an upper bound,
     which sizes the prefill launch's tiles. The keyword-only knobs override the heuristics (tests force
     paths with them; bench sweeps them)."""
@@ -283,14 +302,15 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     if num_tokens == 0 or num_seqs == 0:
         return out
     if head_dim < 16 or head_dim & (head_dim - 1):   # the kernel tiles the head dim whole
-        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale,
+                                   v_scale)
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "k/v caches must share a layout"
     assert block_tables.stride(-1) == 1 and seq_lens.is_contiguous() and query_start_loc.is_contiguous()
     if max_query_len is None:   # no host sync: a guess that only steers the tile shapes
         max_query_len = 1 if num_tokens == num_seqs else num_tokens
-    args = (out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    args = (out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
     knobs = (block_m, tile_n, num_warps, num_stages, num_segments)
     if not split_decodes:
         _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device), knobs)
@@ -304,7 +324,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     return out
 
 
-def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, mode, config, knobs):
+def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, mode, config,
+            knobs):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -314,6 +335,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
     assert mode == MODE_ALL or segs == 1, "split-KV partials are indexed by token over the whole batch"
     block_q = bm // group
     grid = (num_seqs if mode == MODE_DECODE else num_tokens // block_q + num_seqs, num_kv_heads, segs)
+    fp8 = is_fp8(k_cache)
     if segs > 1:
         seg_out = torch.empty(num_tokens, num_q_heads, segs, head_dim, dtype=torch.float32, device=q.device)
         seg_max = torch.empty(num_tokens, num_q_heads, segs, dtype=torch.float32, device=q.device)
@@ -322,6 +344,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         seg_out = seg_max = seg_sum = out   # unused
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seg_out, seg_max, seg_sum,
+        k_scale if fp8 else out, v_scale if fp8 else out,   # unused unless fp8
         float(scale) * 1.4426950408889634, num_seqs, num_q_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -332,7 +355,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
-        UNMASKED_PREFIX=bm >= 64, MODE=mode,
+        UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=fp8,
         num_warps=warps, num_stages=stages)
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
@@ -341,8 +364,9 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None,
-                    split_decodes=False):
+                    split_decodes=False, k_scale=None, v_scale=None):
+    """k_scale, v_scale: fp32 tensors of one element, needed with FP8 caches only."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      max_query_len, split_decodes=split_decodes)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+                                      max_query_len, split_decodes=split_decodes, k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)

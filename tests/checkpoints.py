@@ -67,3 +67,47 @@ def make_tiny_checkpoint(path, arch="llama", seed=0, chat_template=None, **overr
     tokenizer.save_pretrained(path)
     GenerationConfig(bos_token_id=0, eos_token_id=1).save_pretrained(path)
     return path
+
+
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_fp8_checkpoint(src, dst, per_tensor=False, kv_scales=None, quantize_weights=True):
+    """A copy of checkpoint `src` in Hugging Face's FP8 layout (as vLLM's Fp8LinearMethod reads it): each
+    decoder projection's weight as float8_e4m3fn with `weight_scale` (per_tensor: one scale per tensor,
+    else one per output channel, shape [N, 1]) and an `input_scale` (static activation scale, which this
+    engine does not use), config.json's quantization_config quant_method fp8. kv_scales (k, v): per-layer
+    `self_attn.k_scale` / `self_attn.v_scale` tensors as vLLM's FP8-KV checkpoints carry (written even
+    with quantize_weights=False). Scales are amax / 448, computed here independently of the engine."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(src, name), dst)
+    tensors, out = load_file(os.path.join(src, "model.safetensors")), {}
+    for name, w in tensors.items():
+        module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+        if not (quantize_weights and module in FP8_PROJECTIONS):
+            out[name] = w
+            continue
+        amax = w.float().abs().amax() if per_tensor else w.float().abs().amax(dim=1, keepdim=True)
+        scale = amax / 448.0
+        out[name] = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[name[:-len("weight")] + "weight_scale"] = scale.reshape(()) if per_tensor else scale
+        out[name[:-len("weight")] + "input_scale"] = torch.tensor(0.125)
+    if kv_scales is not None:
+        layers = {n.split(".")[2] for n in tensors if n.startswith("model.layers.")}
+        for i in layers:
+            out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(kv_scales[0])
+            out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(kv_scales[1])
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    if quantize_weights:
+        with open(os.path.join(dst, "config.json")) as f:
+            config = json.load(f)
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return dst

@@ -55,21 +55,50 @@ def test_keys_that_change_nothing_are_ignored_with_a_warning(checkpoint, tmp_pat
     warnings = []
     config = EngineConfig.from_engine_args(
         {"model": checkpoint, "disable_log_requests": True, "disable_log_stats": False, "served_model_name": "x",
-         "trust_remote_code": True, "pipeline_parallel_size": 1, "enable_lora": False, "quantization": None},
+         "trust_remote_code": True, "pipeline_parallel_size": 1, "enable_lora": False},
         str(tmp_path), warn=warnings.append)
     assert config.model == checkpoint
     assert len(warnings) == 1
     for key in ("disable_log_requests", "disable_log_stats", "served_model_name", "trust_remote_code",
-                "pipeline_parallel_size", "enable_lora", "quantization"):
+                "pipeline_parallel_size", "enable_lora"):
         assert key in warnings[0]
     assert set(IGNORED_ENGINE_ARGS) >= {"disable_log_requests", "disable_log_stats", "max_log_len"}
 
 
-@pytest.mark.parametrize("key, value", [("pipeline_parallel_size", 2), ("enable_lora", True),
-                                        ("quantization", "awq"), ("kv_cache_dtype", "fp8")])
+@pytest.mark.parametrize("key, value", [("pipeline_parallel_size", 2), ("enable_lora", True)])
 def test_keys_accepted_only_where_they_change_nothing(checkpoint, tmp_path, key, value):
     with pytest.raises(ValueError, match=f"'{key}'"):
         EngineConfig.from_engine_args({"model": checkpoint, key: value}, str(tmp_path))
+
+
+@pytest.mark.parametrize("args, quantization, kv_cache_dtype", [
+    ({}, "", "auto"), ({"quantization": None, "kv_cache_dtype": None}, "", "auto"),
+    ({"quantization": "fp8"}, "fp8", "auto"), ({"kv_cache_dtype": "fp8"}, "", "fp8"),
+    ({"kv_cache_dtype": "fp8_e4m3", "quantization": "fp8"}, "fp8", "fp8"), ({"kv_cache_dtype": "auto"}, "", "auto")])
+def test_quantization_and_kv_cache_dtype(checkpoint, tmp_path, args, quantization, kv_cache_dtype):
+    config = EngineConfig.from_engine_args({"model": checkpoint, **args}, str(tmp_path))
+    assert (config.quantization, config.kv_cache_dtype) == (quantization, kv_cache_dtype)
+
+
+@pytest.mark.parametrize("key, value, supported", [("quantization", "awq", "fp8"), ("quantization", "fp8_e5m2", "fp8"),
+                                                   ("kv_cache_dtype", "fp8_e5m2", "fp8_e4m3"),
+                                                   ("kv_cache_dtype", "int8", "fp8")])
+def test_unsupported_quantization_values_name_the_field_and_the_choices(checkpoint, tmp_path, key, value, supported):
+    for build in (lambda: EngineConfig.from_engine_args({"model": checkpoint, key: value}, str(tmp_path)),
+                  lambda: EngineConfig.from_parameters({"model": checkpoint, key: value})):
+        with pytest.raises(ValueError, match=f"parameter '{key}' .*{supported}.*{value}"):
+            build()
+
+
+def test_quantization_parameters_in_config_pbtxt(checkpoint, tmp_path):
+    """config.pbtxt string parameters reach the same fields (engine_config_for_model without a model.json)."""
+    params = {"model": {"string_value": checkpoint}, "quantization": {"string_value": "fp8"},
+              "kv_cache_dtype": {"string_value": "fp8_e4m3"}}
+    config = engine_config_for_model({"parameters": params}, str(tmp_path), 1)
+    assert (config.quantization, config.kv_cache_dtype) == ("fp8", "fp8")
+    empty = engine_config_for_model({"parameters": {"model": {"string_value": checkpoint},
+                                                    "quantization": {"string_value": ""}}}, str(tmp_path), 1)
+    assert (empty.quantization, empty.kv_cache_dtype) == ("", "auto")
 
 
 def test_bad_values_are_refused_by_validation(checkpoint, tmp_path):

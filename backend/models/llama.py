@@ -13,6 +13,7 @@ from torch import nn
 import kernels
 from backend import parallel
 from backend.attention import AttentionMetadata
+from backend.quantization import Fp8Linear
 
 
 @dataclass
@@ -90,7 +91,9 @@ def _llama3_scale(inv_freq, s):
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+def fuse_linears(*linears: nn.Linear | Fp8Linear) -> nn.Linear | Fp8Linear:
+    if isinstance(linears[0], Fp8Linear):
+        return Fp8Linear.concat(linears)
     weight = torch.cat([l.weight for l in linears])
     bias = torch.cat([l.bias for l in linears]) if linears[0].bias is not None else None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -123,6 +126,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
         self.qk_norm = a.qk_norm
         self.scale = a.head_dim ** -0.5
+        # kv_cache_dtype fp8: the cache holds k / k_scale and v / v_scale (1.0 unless the checkpoint has
+        # them); tensors, so that kernels read them on the device. Ignored by bf16/fp32 caches.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
 
     def fuse_weights(self):
         """One matmul for q, k and v (the checkpoint's separate weights, concatenated)."""
@@ -145,9 +152,9 @@ class Attention(nn.Module):
         # q/k norm (Qwen3), rotary and the cache write in one launch on the kernel path; q may be
         # overwritten in place (it is a view of this step's qkv output), so only the returned q is used
         q = kernels.qk_norm_rotary_store(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, cos_sin_cache,
-                                         **self._qk_norm_args())
+                                         **self._qk_norm_args(), k_scale=self.k_scale, v_scale=self.v_scale)
         o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                    self.scale, meta.max_query_len, meta.split_decodes)
+                                    self.scale, meta.max_query_len, meta.split_decodes, self.k_scale, self.v_scale)
         return parallel.all_reduce(self.o_proj(o.reshape(t, -1)))   # row-parallel: sum the ranks' parts
 
 

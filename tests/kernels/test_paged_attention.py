@@ -100,7 +100,7 @@ def test_split_decodes_on_a_padded_graph_batch(group, block_size):
         part = torch.full_like(b["q"], float("nan"))
         config = _config(1 if mode == MODE_DECODE else bucket, group, 32, len(q_lens), 2, DEVICE)[:4] + (1,)
         _launch(part, b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"],
-                b["scale"], mode, config, (None,) * 5)
+                b["scale"], None, None, mode, config, (None,) * 5)
         mine = mine[:n].to(part.device)
         assert_close(part[:n][mine], ref[mine])
         assert torch.isnan(part[:n][~mine]).all() and torch.isnan(part[n:]).all()

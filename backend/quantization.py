@@ -1,0 +1,130 @@
+"""quantization: fp8 (W8A8), vLLM's name: float8 e4m3 weights with one scale per output channel, and
+activations quantized on the fly with one scale per token; each GEMM is torch._scaled_mm with row-wise
+scales (per-token x per-channel), fp32 accumulation, output in the model's dtype.
+
+Why per-token activation scales (not per-tensor): a token's quantization then depends on that token
+only, so a request's outputs do not change with the batch it runs in, and the CUDA graphs' padding rows
+(whatever they hold) cannot move the real rows' scale; an outlier token costs precision to itself only.
+The cost is the same one amax pass over the activations. The scales stay on the device (no host sync).
+
+Weights come either from a bf16/fp32 checkpoint, quantized at load (quantize_linears, after the q/k/v
+and gate/up fusion: per-channel scales make the fused weight's quantization that of its parts), or from
+an FP8 checkpoint (Hugging Face layout: float8_e4m3fn `weight`, `weight_scale` per tensor or per
+channel): fp8_linears makes room for them before loading; a per-tensor scale is expanded to its
+channels (exact), so q, k and v with different scales fuse by concatenation. A checkpoint's
+`input_scale` (static activation scales) is not used: dynamic per-token scales are at least as precise.
+
+On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests check the real thing.
+"""
+import torch
+from torch import nn
+
+import kernels
+from kernels.fp8 import FP8_DTYPE
+
+# The decoder layers' projections that run in FP8 (the embedding and the LM head stay in the model's dtype,
+# as in vLLM's FP8 checkpoints).
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [M, K] to FP8 with its own scale: (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale.
+    One Triton launch on CUDA (kernels.per_token_quant_fp8), the torch reference elsewhere; bit-equal."""
+    return kernels.per_token_quant_fp8(x)
+
+
+def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
+    """x_fp8 [M, K] (scales [M, 1]) @ weight [N, K].T (scales [N]) -> [M, N] in out_dtype. CUDA's row-wise
+    _scaled_mm writes bf16 only: other dtypes are converted from it there."""
+    mm_dtype = out_dtype if x_fp8.device.type == "cpu" else torch.bfloat16
+    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=mm_dtype)
+    return y.to(out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (weight * weight_scale[:, None]).T + bias, with x quantized per token."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.out_dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        w = linear.weight
+        fp8 = cls(w.shape[1], w.shape[0], linear.bias is not None, w.dtype, w.device)
+        fp8.weight.data, fp8.weight_scale.data = (t.contiguous() for t in quantize_weight(w))
+        if linear.bias is not None:
+            fp8.bias.data = linear.bias.data
+        return fp8
+
+    @classmethod
+    def concat(cls, linears: list["Fp8Linear"]) -> "Fp8Linear":
+        """One projection of several (fused q/k/v, gate/up): weights and per-channel scales concatenated."""
+        first = linears[0]
+        fused = cls(first.in_features, sum(l.out_features for l in linears), first.bias is not None,
+                    first.out_dtype, device="meta")
+        fused.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
+        fused.weight_scale = nn.Parameter(torch.cat([l.weight_scale for l in linears]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([l.bias for l in linears]), requires_grad=False)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.shape[0]:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        x_fp8, x_scale = quantize_rows(rows)
+        y = scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (FP8 [N, K], scale [N] fp32): each output channel scaled so its largest |value| is 448."""
+    w_fp8, scale = quantize_rows(w)
+    return w_fp8, scale.view(-1)
+
+
+def _projections(model):
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                yield parent, name, child
+
+
+def fp8_linears(model):
+    """Before loading an FP8 checkpoint: each decoder projection becomes an Fp8Linear of the same shape
+    (empty FP8 weight, per-channel scales), so that the checkpoint's tensors load by name."""
+    for parent, name, child in _projections(model):
+        if name in FP8_PROJECTIONS and isinstance(child, nn.Linear):
+            w = child.weight
+            setattr(parent, name, Fp8Linear(w.shape[1], w.shape[0], child.bias is not None, w.dtype, w.device))
+
+
+def quantize_linears(model):
+    """After loading (and fusing) a bf16/fp32 checkpoint: each decoder projection quantized to FP8."""
+    for parent, name, child in _projections(model):
+        if isinstance(child, nn.Linear):
+            setattr(parent, name, Fp8Linear.from_linear(child))
+
+
+def checkpoint_scale(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    """A checkpoint's weight_scale (per tensor: one element; per channel: [N] or [N, 1]) as [channels] fp32:
+    a per-tensor scale is expanded to every channel, which is exact."""
+    t = tensor.float().reshape(-1)
+    if t.numel() == 1:
+        return t.expand(channels)
+    if t.numel() != channels:
+        raise ValueError(f"weight_scale has {t.numel()} elements for {channels} output channels")
+    return t

@@ -1,0 +1,45 @@
+"""FP8 (e4m3, as torch.float8_e4m3fn and tl.float8e4nv) for the KV cache: value / scale, saturated to
+±448, rounded to nearest even. A torch reference and the Triton helpers the cache-writing kernels share."""
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import lazy_jit
+
+triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == FP8_DTYPE
+
+
+def to_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in fp32, saturated (torch's cast alone turns values past 448 into NaN)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def from_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.float() * scale
+
+
+@lazy_jit
+def _round_to_e4m3_grid(x):
+    """fp32 x (|x| <= 448) rounded to the nearest e4m3 value (ties to even), still fp32. The cast to
+    float8 is then exact, so its result does not depend on how the cast rounds (Triton's interpreter
+    truncates); on the GPU this costs a few integer ops per element of a memory-bound store."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)              # e4m3 subnormals share 2^-6's spacing
+    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)     # 3 mantissa bits: powers of two,
+    inv_ulp = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # so these products are exact
+    rounded = ((tl.abs(x) * inv_ulp + 12582912.0) - 12582912.0) * ulp   # 1.5 * 2^23: fp32 adds round to even
+    return tl.where(bits < 0, -rounded, rounded)                        # the sign bit: -0.0 stays -0.0
+
+
+@lazy_jit
+def _to_fp8(x, scale):
+    """fp32 x -> tl.float8e4nv of x / scale, bit-equal to to_fp8_ref (IEEE division, as torch's)."""
+    scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    return _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
