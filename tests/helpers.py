@@ -82,3 +82,23 @@ def run_staggered(engine, prompts, params, every=2):
                 final[o.request_id] = o
         step += 1
     return [final[ids[i]] for i in range(len(prompts))]
+
+
+def prefill_then_decode_logits(runner) -> list:
+    """A prefill of three prompts (9, 20 and 3 tokens, in scattered blocks of an emptied cache),
+    then one decode step for each, through runner._forward: [prefill logits, decode logits]."""
+    from backend.scheduler import SchedulerOutput
+    from backend.sequence import Sequence
+    runner.kv_cache.zero_()
+    lens, g = [9, 20, 3], torch.Generator().manual_seed(0)
+    seqs = []
+    for i, n in enumerate(lens):
+        s = Sequence(f"r{i}", torch.randint(2, 300, (n,), generator=g).tolist(), n, SamplingParams())
+        s.block_table = [4 * i + 3, 4 * i + 1, 4 * i + 2, 4 * i]     # scattered blocks
+        seqs.append(s)
+    logits = [runner._forward(SchedulerOutput(seqs=seqs, num_new_tokens=lens), None)]
+    for s, n in zip(seqs, lens):
+        s.num_computed_tokens = n
+        s.token_ids.append(11 + n)
+    logits.append(runner._forward(SchedulerOutput(seqs=seqs, num_new_tokens=[1] * 3), None))
+    return logits

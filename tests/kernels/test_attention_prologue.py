@@ -180,29 +180,14 @@ def test_model_kernel_path_equals_reference_path(tiny_checkpoints, arch, monkeyp
     """The layers' wiring (norm weights, eps, the engine's positions and slots): logits and caches of a
     prefill and a decode step, fused kernel path (all ops Triton) vs references only, in fp32."""
     from backend.model_runner import ModelRunner
-    from backend.sampling_params import SamplingParams
-    from backend.scheduler import SchedulerOutput
-    from backend.sequence import Sequence
-    from tests.helpers import engine_config
+    from tests.helpers import engine_config, prefill_then_decode_logits
 
     runner = ModelRunner(engine_config(tiny_checkpoints[arch], num_gpu_blocks_override=16, max_num_seqs=4,
                                        max_num_batched_tokens=64, device=DEVICE.type, dtype="float32",
                                        enforce_eager="true"))
 
     def prefill_then_decode():
-        runner.kv_cache.zero_()
-        lens, g = [9, 20, 3], torch.Generator().manual_seed(0)
-        seqs = []
-        for i, n in enumerate(lens):
-            s = Sequence(f"r{i}", torch.randint(2, 300, (n,), generator=g).tolist(), n, SamplingParams())
-            s.block_table = [4 * i + 3, 4 * i + 1, 4 * i + 2, 4 * i]     # scattered blocks
-            seqs.append(s)
-        logits = [runner._forward(SchedulerOutput(seqs=seqs, num_new_tokens=lens), None)]
-        for s, n in zip(seqs, lens):
-            s.num_computed_tokens = n
-            s.token_ids.append(11 + n)
-        logits.append(runner._forward(SchedulerOutput(seqs=seqs, num_new_tokens=[1] * 3), None))
-        return logits, runner.kv_cache.clone()
+        return prefill_then_decode_logits(runner), runner.kv_cache.clone()
 
     kernel_logits, kernel_cache = prefill_then_decode()
     monkeypatch.setenv("LLM_KERNELS", "reference")
