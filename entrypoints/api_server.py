@@ -9,6 +9,7 @@ cancelled, which cancels the gRPC call)."""
 import argparse
 import asyncio
 import ctypes
+import hmac
 import json
 import logging
 import multiprocessing
@@ -109,20 +110,29 @@ class Choices:
 
 class OpenAIServer:
     def __init__(self, llm: TritonLLM, served_names: list[str], model_dir: str = "",
-                 chat_template_override: str | None = None):
-        self.llm, self.served = llm, served_names
+                 chat_template_override: str | None = None, api_key: str | None = None):
+        self.llm, self.served, self.api_key = llm, served_names, api_key
         self.model_dir, self.chat_template_override = model_dir, chat_template_override
         self._chat_template = None
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, self.authorize])
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/generate", self.generate)])
         app.on_cleanup.append(lambda _: self.llm.close())
         return app
+
+    @web.middleware
+    async def authorize(self, request, handler):
+        """With an API key (vLLM's --api-key / VLLM_API_KEY), every route but /health needs
+        `Authorization: Bearer <key>`."""
+        if self.api_key and request.path != "/health" and \
+                not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.api_key}"):
+            return error_response("Unauthorized: a valid API key is needed (Authorization: Bearer ...)", 401)
+        return await handler(request)
 
     # ---- simple routes ---------------------------------------------------------------------------
     async def health(self, request):
@@ -323,6 +333,8 @@ def parse_args(argv=None):
                    help="where the model's folder is (to find its tokenizer's chat template)")
     p.add_argument("--chat-template", default=None, help="a jinja chat template (file or text) instead of the model's")
     p.add_argument("--workers", type=int, default=1, help="processes serving the port (SO_REUSEPORT)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer <key>' (default: $VLLM_API_KEY; unset: open)")
     return p.parse_args(argv)
 
 
@@ -331,7 +343,7 @@ def serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     llm = TritonLLM(args.triton_url, args.model)
     server = OpenAIServer(llm, args.served_model_name or [args.model], os.path.abspath(args.model_repository),
-                          args.chat_template)
+                          args.chat_template, args.api_key or os.environ.get("VLLM_API_KEY"))
     web.run_app(server.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
                 reuse_port=args.workers > 1, print=lambda message: log.info("%s", message))
 

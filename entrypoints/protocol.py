@@ -15,7 +15,7 @@ VLLM_SAMPLING = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_e
                  "skip_special_tokens", "include_stop_str_in_output", "spaces_between_special_tokens",
                  "use_beam_search", "best_of", "length_penalty", "early_stopping", "allowed_token_ids",
                  "bad_words", "truncate_prompt_tokens")
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed",
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 LOGPROB_FLOOR = -9999.0   # -inf is no JSON number: vLLM reports this instead
 

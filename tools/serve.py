@@ -44,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
 ADMIN_HEADER = "llm-admin-key"
 ADMIN_KEY_ENV = "LLM_ADMIN_KEY"
+API_KEY_ENV = "VLLM_API_KEY"     # the OpenAI front's key for clients, as vLLM's server reads it
 # Endpoints a client must not reach: shared-memory registration makes the server read and write
 # memory a client names; the repository API loads and unloads models; logging and trace settings
 # change what the server writes to disk. Inference, health, metadata, model config and statistics
@@ -192,6 +193,8 @@ def parse_args(argv):
     p.add_argument("--openai-workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
                    help="processes of the OpenAI front sharing its port (default: a quarter of the CPUs, "
                         "1 to 4); one streams a few thousand chunks/s")
+    p.add_argument("--served-model-name", nargs="+", default=[],
+                   help="names clients give as 'model' to the OpenAI front (default: the model's, llm)")
     p.add_argument("--chat-template", default=None,
                    help="a jinja chat template (file) for the OpenAI front instead of the tokenizer's")
     p.add_argument("--address", default="127.0.0.1",
@@ -259,6 +262,7 @@ def shm_args(extra):
 def server_env(libs):
     env = dict(os.environ)
     env.pop(ADMIN_KEY_ENV, None)   # the server's processes (and the model's code) have no use for it
+    env.pop(API_KEY_ENV, None)     # the OpenAI front's (openai_front gives it back to the front alone)
     bindir = os.path.dirname(sys.executable)  # not resolved: a venv's bin/ is what we want
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     if sys.prefix != sys.base_prefix:
@@ -292,6 +296,10 @@ def openai_front(args, env):
            "--model-repository", os.path.abspath(args.model_repository), "--workers", str(args.openai_workers)]
     if args.chat_template:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]
+    if args.served_model_name:
+        cmd += ["--served-model-name", *args.served_model_name]
+    if os.environ.get(API_KEY_ENV):
+        env = dict(env, **{API_KEY_ENV: os.environ[API_KEY_ENV]})
     return Companion("the OpenAI front", cmd, env)
 
 

@@ -2,9 +2,13 @@
 official `openai` client (sync and async) and by curl. References: the llm model's own answers
 through Triton's generate endpoint, and transformers' apply_chat_template for chat prompts."""
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 import openai
@@ -13,7 +17,7 @@ import requests
 
 from tests.checkpoints import CHAT_TEMPLATE
 
-from .harness import MODEL_NAME
+from .harness import MODEL_NAME, REPO, free_port
 from .test_server import generate, greedy
 
 PROMPT = "ROMEO:"
@@ -241,39 +245,60 @@ def test_a_killed_front_is_restarted_by_the_launcher(server, client):
     assert out.choices[0].text == triton_text(server, PROMPT, 3)
 
 
-def test_workers_share_the_port_and_end_with_their_front(server, tiny_model, tmp_path):
-    """--workers 2: both processes answer on one port; a front killed outright takes its workers along."""
-    import os
-    import signal
-    import sys
-
-    from .harness import REPO, free_port
+@contextlib.contextmanager
+def front_process(server, *args, env=None):
+    """Another OpenAI front (entrypoints.api_server) on a free port beside the session server's;
+    yields (its Popen, its URL) once /health answers; killed at the end."""
     port = free_port()
-    front = subprocess.Popen([sys.executable, "-m", "entrypoints.api_server", "--port", str(port), "--workers", "2",
-                              "--triton-url", server.grpc_url, "--model-repository",
-                              str(server.model_repository)],
-                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    front = subprocess.Popen([sys.executable, "-m", "entrypoints.api_server", "--port", str(port),
+                              "--triton-url", server.grpc_url, "--model-repository", str(server.model_repository),
+                              *args], cwd=REPO, env=dict(os.environ, **(env or {})),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 time.sleep(0.2)
-        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(front.pid), "-f", "spawn_main"],
-                                                  capture_output=True, text=True).stdout.split()]
-        assert len(workers) == 2, workers
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
-            texts = {c.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0,
-                                          extra_headers={"Connection": "close"}).choices[0].text for _ in range(6)}
-        assert texts == {triton_text(server, PROMPT, 3)}
+        yield front, url
     finally:
         front.send_signal(signal.SIGKILL)
         front.wait()
+
+
+def alive(pid):
+    return os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+
+def test_workers_share_the_port_and_end_with_their_front(server):
+    """--workers 2: both processes answer on one port; a front killed outright takes its workers along."""
+    with front_process(server, "--workers", "2") as (front, url):
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(front.pid), "-f", "spawn_main"],
+                                                  capture_output=True, text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as c:
+            texts = {c.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0,
+                                          extra_headers={"Connection": "close"}).choices[0].text for _ in range(6)}
+        assert texts == {triton_text(server, PROMPT, 3)}
     deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers) \
-            and time.monotonic() < deadline:
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
-                   for w in workers), "workers outlived their front"
+    assert not any(alive(w) for w in workers), "workers outlived their front"
+
+
+def test_api_key_and_served_model_names(server):
+    """vLLM's VLLM_API_KEY: every route but /health needs the bearer key; --served-model-name sets
+    the names a client may ask for."""
+    with front_process(server, "--served-model-name", "shakespeare", "llm", env={"VLLM_API_KEY": "k" * 20}) as (_, url):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as c:
+            with pytest.raises(openai.AuthenticationError):
+                c.models.list()
+        assert requests.post(f"{url}/generate", json={"prompt": "x"}, timeout=10).status_code == 401
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="k" * 20, max_retries=0) as c:
+            assert [m.id for m in c.models.list().data] == ["shakespeare", "llm"]
+            out = c.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=3, temperature=0)
+            assert out.model == "shakespeare" and out.choices[0].text == triton_text(server, PROMPT, 3)
