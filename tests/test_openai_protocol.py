@@ -215,3 +215,12 @@ def test_chat_logprobs_top_list_is_the_k_most_likely_by_rank():
     assert [t["token"] for t in out[0]["top_logprobs"]] == [" is", " be"]   # ranks 1 and 2
     assert [t["token"] for t in out[1]["top_logprobs"]] == [","] and out[1]["bytes"] == list("é".encode())
     assert chat_logprobs(TOKEN_MAPS, 0)["content"][0]["top_logprobs"] == []
+
+
+def test_the_default_models_template_is_the_one_its_training_script_writes():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_default_model",
+                                                  os.path.join(REPO, "tools", "train_default_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.CHAT_TEMPLATE == default_template_source()

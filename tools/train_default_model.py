@@ -28,6 +28,16 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 DATA = Path(__file__).parent / "data" / "tinyshakespeare.txt"
 PROMPT = "To be or not to be, that is"
+# Chat as a play (the OpenAI front renders it): the user speaks as First Citizen (or the message's
+# `name`), the model answers as Second Citizen; a system message is a stage direction.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] ~ '\\n\\n' }}"
+    "{% else %}{% set speaker = message['name'] if message['name'] else "
+    "('First Citizen' if message['role'] == 'user' else 'Second Citizen') %}"
+    "{{ speaker ~ ':\\n' ~ message['content'] ~ '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Second Citizen:\\n' }}{% endif %}")
 BOS, EOS = "<s>", "</s>"
 
 
@@ -50,9 +60,11 @@ def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, model_max_length=1024
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
