@@ -275,3 +275,13 @@ def test_tensor_parallel_ranks_load_their_shard_of_the_scales(fp8_checkpoints, l
             else:
                 assert torch.equal(layer.weight.view(torch.uint8), w.chunk(2, dim=1)[rank])
                 assert torch.equal(layer.weight_scale, s)
+
+
+def test_fp8_quality_bench_runs_on_the_default_model():
+    """bench/fp8_quality.py (issue 14's quality check), short: every configuration gives an agreement
+    in [0, 1], a positive KL (FP8 changes something) and a teacher-forced top-1 above chance."""
+    from bench import fp8_quality
+    rows = fp8_quality.main(["--prompts", "4", "--tokens", "4", "--yardstick", "bfloat16"])
+    assert [r["config"] for r in rows] == [*fp8_quality.CONFIGS, "bfloat16 (yardstick)"]
+    for r in rows:
+        assert 0 <= r["greedy_agreement"] <= 1 and r["mean_kl"] > 0 and r["teacher_forced_top1"] > 0.5, r
