@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from backend.quantization import checkpoint_fp8_layout
+
 
 @dataclass
 class EngineConfig:
@@ -161,19 +163,10 @@ class EngineConfig:
         return self
 
     def _check_checkpoint_quantization(self):
-        """An FP8 checkpoint (config.json quantization_config, quant_method fp8) loads as fp8 whether or not
-        `quantization` says so, as in vLLM; other methods and block-wise FP8 scales are refused."""
-        qc = self.hf.get("quantization_config")
-        if not qc or self.load_format == "dummy":
-            return
-        method = qc.get("quant_method")
-        if method != "fp8":
-            raise ValueError(f"the checkpoint's quantization_config has quant_method {method!r}: not supported "
-                             f"(supported: {', '.join(self.QUANTIZATIONS)})")
-        if qc.get("weight_block_size"):
-            raise ValueError("the checkpoint's FP8 weights have block-wise scales (quantization_config "
-                             "weight_block_size): not supported (per-tensor and per-channel scales are)")
-        self.quantization = "fp8"
+        """An FP8 checkpoint (config.json quantization_config: backend/quantization.py names the layouts)
+        loads as fp8 whether or not `quantization` says so, as in vLLM; other methods are refused."""
+        if self.load_format != "dummy" and checkpoint_fp8_layout(self.hf.get("quantization_config")):
+            self.quantization = "fp8"
 
     def _pick_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

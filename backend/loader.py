@@ -40,23 +40,21 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
     device = config.torch_device
     with torch.device(device), _default_dtype(config.torch_dtype):
         model = LlamaForCausalLM(args)
-    fp8_checkpoint = config.load_format != "dummy" and is_fp8_checkpoint(config.hf)
-    if fp8_checkpoint:
+    qc = config.hf.get("quantization_config")
+    layout = quantization.checkpoint_fp8_layout(qc) if config.load_format != "dummy" else None
+    if layout == quantization.FP8_CHANNEL:
         quantization.fp8_linears(model)
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
     else:
-        _load_safetensors(model, config.model, device, kv_scales=config.kv_cache_dtype == "fp8")
+        _load_safetensors(model, config.model, device, kv_scales=config.kv_cache_dtype == "fp8",
+                          weight_block=qc.get("weight_block_size") if layout == quantization.FP8_BLOCK else None)
     model.fuse_weights()
-    if config.quantization == "fp8" and not fp8_checkpoint:
+    if config.quantization == "fp8" and layout != quantization.FP8_CHANNEL:
         quantization.quantize_linears(model)
     # RoPE angles stay fp32 whatever the weights' dtype.
     model.cos_sin_cache = rope_cos_sin_cache(args, max(config.max_model_len, args.max_position)).to(device)
     return model.eval().requires_grad_(False)
-
-
-def is_fp8_checkpoint(hf: dict) -> bool:
-    return (hf.get("quantization_config") or {}).get("quant_method") == "fp8"
 
 
 # Per-tensor FP8 KV-cache scales of vLLM checkpoints (kv_scale: one for both, older checkpoints).
@@ -76,13 +74,15 @@ def _load_kv_scale(model, name, f, kv_scales):
     return True
 
 
-def _load_safetensors(model, model_dir, device, kv_scales=False):
+def _load_safetensors(model, model_dir, device, kv_scales=False, weight_block=None):
+    """weight_block [bn, bk]: a block-scaled FP8 checkpoint, whose weights are dequantized here."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name.endswith(".input_scale") or _load_kv_scale(model, name, f, kv_scales):
+            names = set(f.keys())
+            for name in names:
+                if name.endswith((".input_scale", ".weight_scale_inv")) or _load_kv_scale(model, name, f, kv_scales):
                     continue   # static activation scales: quantization uses dynamic per-token ones
                 if name not in params:
                     if "rotary_emb" in name:
@@ -91,6 +91,10 @@ def _load_safetensors(model, model_dir, device, kv_scales=False):
                 param = params[name]
                 if name.endswith(".weight_scale"):
                     tensor = _load_weight_scale(f, name, param.shape[0], model.args.tp_rank)
+                elif weight_block and name + "_scale_inv" in names:
+                    full = quantization.dequantize_blocks(f.get_tensor(name), f.get_tensor(name + "_scale_inv"),
+                                                          weight_block)
+                    tensor = full[_shard_index(full.shape, param.shape, model.args.tp_rank)]
                 else:
                     tensor = _load_shard(f, name, param.shape, model.args.tp_rank)
                 if tensor.shape != param.shape:
@@ -110,14 +114,16 @@ def _load_shard(f, name, shape, rank):
     whose size differs: rows of column-parallel and vocabulary-parallel weights, columns of
     row-parallel ones)."""
     part = f.get_slice(name)
-    full = part.get_shape()
+    return part[_shard_index(part.get_shape(), shape, rank)]
+
+
+def _shard_index(full, shape, rank) -> tuple:
     split = [d for d, (n, m) in enumerate(zip(full, shape)) if n != m]
-    if not split:
-        return part[:]
-    d = split[0]
     index = [slice(None)] * len(full)
-    index[d] = slice(rank * shape[d], (rank + 1) * shape[d])
-    return part[tuple(index)]
+    if split:
+        d = split[0]
+        index[d] = slice(rank * shape[d], (rank + 1) * shape[d])
+    return tuple(index)
 
 
 def _load_weight_scale(f, name, channels, rank):

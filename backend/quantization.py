@@ -128,3 +128,61 @@ def checkpoint_scale(tensor: torch.Tensor, channels: int) -> torch.Tensor:
     if t.numel() != channels:
         raise ValueError(f"weight_scale has {t.numel()} elements for {channels} output channels")
     return t
+
+
+# ---- FP8 checkpoints ----------------------------------------------------------------------------------
+# The layouts of FP8 checkpoints this engine loads (config.json quantization_config):
+# - "channel": float8 `weight` with `weight_scale` per tensor or per output channel: quant_method fp8
+#   (vLLM's Fp8LinearMethod), compressed-tensors' float-quantized with strategy tensor or channel
+#   (e.g. RedHat/Neural Magic's Llama FP8 checkpoints), fbgemm_fp8 (Meta's). Loaded as they are.
+# - "block": quant_method fp8 with weight_block_size (DeepSeek-V3 style, e.g. Qwen3's official FP8
+#   checkpoints): `weight_scale_inv` per [bn, bk] block. Dequantized at load and quantized again per
+#   output channel (this engine's GEMMs scale per token x per channel), which rounds twice: close to
+#   the checkpoint, not bit-equal to it.
+FP8_CHANNEL, FP8_BLOCK = "channel", "block"
+
+
+def checkpoint_fp8_layout(quantization_config: dict | None) -> str | None:
+    """FP8_CHANNEL, FP8_BLOCK or None (no quantization_config); ValueError for what cannot load here."""
+    qc = quantization_config
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if block and (len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"the checkpoint's FP8 weight_block_size {block!r} is not two positive integers")
+        return FP8_BLOCK if block else FP8_CHANNEL
+    if method == "fbgemm_fp8":
+        return FP8_CHANNEL
+    if method == "compressed-tensors":
+        _check_compressed_tensors_fp8(qc)
+        return FP8_CHANNEL
+    raise ValueError(f"the checkpoint's quantization_config has quant_method {method!r}: not supported "
+                     "(supported: fp8, fbgemm_fp8, and compressed-tensors with FP8 weights)")
+
+
+def _check_compressed_tensors_fp8(qc: dict):
+    """compressed-tensors: every group's weights 8-bit float, per tensor or per channel; only lm_head
+    left unquantized (each decoder projection here is FP8 or none is)."""
+    groups = list((qc.get("config_groups") or {}).values())
+    if not groups:
+        raise ValueError("the checkpoint's compressed-tensors quantization_config has no config_groups")
+    for group in groups:
+        weights = group.get("weights") or {}
+        if weights.get("type") != "float" or weights.get("num_bits") != 8 or \
+                weights.get("strategy") not in ("tensor", "channel"):
+            raise ValueError("the checkpoint's compressed-tensors weights are not FP8 per tensor or per channel "
+                             f"(got {weights!r}): not supported")
+    ignored = [name for name in qc.get("ignore") or [] if not name.endswith("lm_head")]
+    if ignored:
+        raise ValueError(f"the checkpoint leaves {ignored[:3]} unquantized: not supported (only lm_head may be)")
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """A block-scaled FP8 weight [N, K] (scale_inv [ceil(N/bn), ceil(K/bk)], a multiplier despite its
+    name) as fp32."""
+    n, k = weight.shape
+    bn, bk = block
+    scales = scale_inv.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return weight.float() * scales

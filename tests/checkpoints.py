@@ -111,3 +111,56 @@ def make_fp8_checkpoint(src, dst, per_tensor=False, kv_scales=None, quantize_wei
         with open(os.path.join(dst, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
     return dst
+
+
+def make_fp8_block_checkpoint(src, dst, block=(16, 16)):
+    """A copy of checkpoint `src` with its decoder projections in the block-scaled FP8 layout (DeepSeek-V3
+    style, as Qwen3's FP8 checkpoints): float8_e4m3fn `weight` and `weight_scale_inv` [ceil(N/bn),
+    ceil(K/bk)] (a multiplier: weight ~ fp8 * scale_inv per block), quantization_config quant_method fp8
+    with weight_block_size. Also writes dst + "-dequantized": the same weights dequantized to fp32 in
+    the ordinary layout (what the block checkpoint stands for)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    bn, bk = block
+    plain = dst + "-dequantized"
+    for folder in (dst, plain):
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(src):
+            if name != "model.safetensors":
+                shutil.copy(os.path.join(src, name), folder)
+    tensors, out, dequantized = load_file(os.path.join(src, "model.safetensors")), {}, {}
+    for name, w in tensors.items():
+        module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+        if module not in FP8_PROJECTIONS:
+            out[name] = dequantized[name] = w
+            continue
+        n, k = w.shape
+        blocks = w.float().reshape(-(-n // bn), bn, -(-k // bk), bk) if n % bn == 0 and k % bk == 0 else None
+        assert blocks is not None, "the test's block size divides the tiny model's dims"
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0                       # [N/bn, K/bk]
+        fp8 = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[name] = fp8.reshape(n, k)
+        out[name + "_scale_inv"] = scale
+        dequantized[name] = (fp8.float() * scale[:, None, :, None]).reshape(n, k)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized, os.path.join(plain, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [bn, bk]}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return dst, plain
+
+
+def set_quantization_config(path, quantization_config):
+    """Rewrite a checkpoint's config.json quantization_config (same tensors, another description)."""
+    import json
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quantization_config
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return path

@@ -13,7 +13,7 @@ from torch import nn
 
 from backend.loader import load_model
 from backend.quantization import Fp8Linear
-from tests.checkpoints import make_fp8_checkpoint
+from tests.checkpoints import make_fp8_block_checkpoint, make_fp8_checkpoint, set_quantization_config
 from tests.helpers import engine_config, greedy, make_engine, prompt_set
 
 FP8 = torch.float8_e4m3fn
@@ -238,18 +238,55 @@ def test_config_json_other_quant_methods_are_refused(tmp_path, tiny_checkpoints)
     import shutil
     path = str(tmp_path / "awq")
     shutil.copytree(tiny_checkpoints["llama"], path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "awq"}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError, match="quant_method 'awq'.*supported: fp8"):
-        engine_config(path).resolve()
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError, match="block-wise"):
-        engine_config(path).resolve()
+    for qc, message in [({"quant_method": "awq"}, "quant_method 'awq'.*supported: fp8"),
+                        ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+                        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+                            "type": "int", "num_bits": 8, "strategy": "channel"}}}}, "not FP8 per tensor"),
+                        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+                            "type": "float", "num_bits": 8, "strategy": "block"}}}}, "not FP8 per tensor"),
+                        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+                            "type": "float", "num_bits": 8, "strategy": "channel"}}},
+                          "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]}, "unquantized")]:
+        set_quantization_config(path, qc)
+        with pytest.raises(ValueError, match=message):
+            engine_config(path).resolve()
+
+
+def test_block_scaled_fp8_checkpoint_loads_as_its_dequantized_weights(tmp_path, tiny_checkpoints):
+    """A DeepSeek-V3-style checkpoint (weight_scale_inv per 16x16 block here) is dequantized at load and
+    quantized per channel: the same FP8 weights, scales and logits as quantization fp8 on the
+    dequantized fp32 weights (a checkpoint written independently of the engine's code)."""
+    blocks, plain = make_fp8_block_checkpoint(tiny_checkpoints["llama"], str(tmp_path / "block"))
+    config = engine_config(blocks).resolve()
+    assert config.quantization == "fp8"
+    loaded, ours = fp8_layers(load_model(config)), fp8_layers(load_model(engine_config(plain, quantization="fp8")
+                                                                         .resolve()))
+    assert loaded.keys() == ours.keys() and len(loaded) == 2 * 4
+    for name in loaded:
+        assert torch.equal(loaded[name].weight.view(torch.uint8), ours[name].weight.view(torch.uint8)), name
+        assert torch.equal(loaded[name].weight_scale, ours[name].weight_scale), name
+    assert torch.equal(teacher_forced_logprobs(blocks), teacher_forced_logprobs(plain, quantization="fp8"))
+    # and the dequantization is the checkpoint's: close to the original weights, not to something else
+    kl = mean_kl(teacher_forced_logprobs(tiny_checkpoints["llama"]), teacher_forced_logprobs(blocks))
+    assert 0 < kl < KL_BOUNDS["quantization"]
+
+
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+     "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
+                                                                      "strategy": "channel", "dynamic": False},
+                                   "input_activations": {"type": "float", "num_bits": 8, "strategy": "token",
+                                                         "dynamic": True}}}},
+    {"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"], "activation_scale_ub": 1200.0}])
+def test_compressed_tensors_and_fbgemm_fp8_checkpoints_load_like_fp8(tmp_path, fp8_checkpoints, qc):
+    """The same per-channel tensors (weight, weight_scale [N, 1], input_scale) described as compressed-tensors
+    (RedHat/Neural Magic FP8 checkpoints) or fbgemm_fp8 (Meta's) load exactly as quant_method fp8."""
+    import shutil
+    path = str(tmp_path / qc["quant_method"])
+    shutil.copytree(fp8_checkpoints["per_channel"], path)
+    set_quantization_config(path, qc)
+    assert engine_config(path).resolve().quantization == "fp8"
+    assert torch.equal(teacher_forced_logprobs(path), teacher_forced_logprobs(fp8_checkpoints["per_channel"]))
 
 
 @pytest.mark.parametrize("layout", ["per_channel", "per_tensor"])
