@@ -110,8 +110,8 @@ class Choices:
 
 class OpenAIServer:
     def __init__(self, llm: TritonLLM, served_names: list[str], model_dir: str = "",
-                 chat_template_override: str | None = None, api_key: str | None = None):
-        self.llm, self.served, self.api_key = llm, served_names, api_key
+                 chat_template_override: str | None = None, api_key: str | None = None, metrics_url: str = ""):
+        self.llm, self.served, self.api_key, self.metrics_url = llm, served_names, api_key, metrics_url
         self.model_dir, self.chat_template_override = model_dir, chat_template_override
         self._chat_template = None
         self.created = int(time.time())
@@ -119,6 +119,7 @@ class OpenAIServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, self.authorize])
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
+                        web.get("/metrics", self.metrics),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/generate", self.generate)])
@@ -127,9 +128,9 @@ class OpenAIServer:
 
     @web.middleware
     async def authorize(self, request, handler):
-        """With an API key (vLLM's --api-key / VLLM_API_KEY), every route but /health needs
-        `Authorization: Bearer <key>`."""
-        if self.api_key and request.path != "/health" and \
+        """With an API key (vLLM's --api-key / VLLM_API_KEY), every route but /health and /metrics
+        (open, as in vLLM's server) needs `Authorization: Bearer <key>`."""
+        if self.api_key and request.path not in ("/health", "/metrics") and \
                 not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.api_key}"):
             return error_response("Unauthorized: a valid API key is needed (Authorization: Bearer ...)", 401)
         return await handler(request)
@@ -138,6 +139,20 @@ class OpenAIServer:
     async def health(self, request):
         ready = await self.llm.is_ready()
         return web.Response(status=200 if ready else 503, text="" if ready else "the model is not ready")
+
+    async def metrics(self, request):
+        """tritonserver's Prometheus metrics (the vllm: ones among them) on this port too, where a
+        scraper set up for vLLM's server looks for them."""
+        if not self.metrics_url:
+            raise web.HTTPNotFound(reason="no metrics endpoint given (--metrics-url)")
+        import aiohttp
+        try:
+            async with aiohttp.ClientSession() as session, session.get(self.metrics_url, timeout=aiohttp.ClientTimeout(
+                    total=10)) as upstream:
+                return web.Response(body=await upstream.read(), status=upstream.status,
+                                    content_type="text/plain", charset="utf-8")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return error_response(f"the server's metrics are not reachable: {e}", 503)
 
     async def models(self, request):
         return web.json_response({"object": "list", "data": [
@@ -326,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--triton-url", default="127.0.0.1:8001", help="tritonserver's gRPC address")
+    p.add_argument("--metrics-url", default="", help="tritonserver's metrics (e.g. http://127.0.0.1:8002/metrics), "
+                                                      "served again at /metrics")
     p.add_argument("--model", default="llm", help="the Triton model to serve")
     p.add_argument("--served-model-name", nargs="*", default=[],
                    help="names clients may give as 'model' (default: the Triton model's name)")
@@ -343,7 +360,7 @@ def serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     llm = TritonLLM(args.triton_url, args.model)
     server = OpenAIServer(llm, args.served_model_name or [args.model], os.path.abspath(args.model_repository),
-                          args.chat_template, args.api_key or os.environ.get("VLLM_API_KEY"))
+                          args.chat_template, args.api_key or os.environ.get("VLLM_API_KEY"), args.metrics_url)
     web.run_app(server.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
                 reuse_port=args.workers > 1, print=lambda message: log.info("%s", message))
 

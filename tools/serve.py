@@ -293,6 +293,7 @@ def openai_front(args, env):
         return None
     cmd = [sys.executable, "-m", "entrypoints.api_server", "--host", args.address, "--port", str(args.openai_port),
            "--triton-url", f"{local_host(args.address)}:{args.grpc_port}", "--model", args.openai_model,
+           "--metrics-url", f"http://{local_host(args.address)}:{args.metrics_port}/metrics",
            "--model-repository", os.path.abspath(args.model_repository), "--workers", str(args.openai_workers)]
     if args.chat_template:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]

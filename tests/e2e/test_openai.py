@@ -47,9 +47,11 @@ def rendered(tokenizer, messages):
                                          add_generation_prompt=True)
 
 
-def test_health_and_models(server, client):
+def test_health_models_and_metrics(server, client):
     assert requests.get(f"{server.openai_url}/health", timeout=10).status_code == 200
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    metrics = requests.get(f"{server.openai_url}/metrics", timeout=10)   # where vLLM's server has them
+    assert metrics.status_code == 200 and "vllm:num_requests_running{" in metrics.text
 
 
 def test_completion_is_the_models_answer(server, client):
@@ -298,6 +300,7 @@ def test_api_key_and_served_model_names(server):
                 c.models.list()
         assert requests.post(f"{url}/generate", json={"prompt": "x"}, timeout=10).status_code == 401
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        assert requests.get(f"{url}/metrics", timeout=10).status_code == 404   # open, but no --metrics-url here
         with openai.OpenAI(base_url=f"{url}/v1", api_key="k" * 20, max_retries=0) as c:
             assert [m.id for m in c.models.list().data] == ["shakespeare", "llm"]
             out = c.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=3, temperature=0)
