@@ -99,7 +99,7 @@ class LLMEngine:
                 raise ValueError("'text_input' is empty: the prompt must not be empty")
             if params.truncate_prompt_tokens is None:   # truncated, the whole prompt may be long
                 self._check_prompt_length(prompt)
-            prompt_token_ids = self.tokenizer.encode(prompt)
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=params.add_special_tokens)
         else:
             prompt_token_ids = list(prompt_token_ids)
             if not prompt_token_ids:

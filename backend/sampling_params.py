@@ -80,6 +80,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None   # only these may be drawn
     bad_words: list[str] = field(default_factory=list)
     truncate_prompt_tokens: int | None = None    # keep only the prompt's last k tokens
+    add_special_tokens: bool = True    # the tokenizer's own (BOS...) around the prompt; false for prompts
+                                       # rendered by a chat template, which writes them itself (vLLM's chat API)
     spaces_between_special_tokens: bool = True   # with skip_special_tokens false: " ".join around them
     logprobs: int | None = None        # the sampled token's log-prob plus this many most likely ones
     prompt_logprobs: int | None = None  # each prompt token's log-prob (given the tokens before it) + top ones
@@ -363,6 +365,6 @@ _CONVERTERS = {
     "use_beam_search": _bool, "best_of": _int, "length_penalty": _float, "early_stopping": _bool,
     "priority": _int, "presence_penalty": _float, "frequency_penalty": _float, "repetition_penalty": _float,
     "logit_bias": _logit_bias, "allowed_token_ids": _allowed_ids, "bad_words": _str_list_bounded,
-    "truncate_prompt_tokens": _int, "spaces_between_special_tokens": _bool, "logprobs": _int,
+    "truncate_prompt_tokens": _int, "add_special_tokens": _bool, "spaces_between_special_tokens": _bool, "logprobs": _int,
     "prompt_logprobs": _int,
 }

@@ -23,9 +23,10 @@ from contextlib import aclosing
 
 from aiohttp import web
 
+from backend.tokenizer import load_tokenizer
 from entrypoints import chat_template
-from entrypoints.protocol import (CompletionLogprobs, Generation, RequestError, chat_logprobs, error_body,
-                                  parse_chat, parse_completion, parse_generate, usage)
+from entrypoints.protocol import (CompletionLogprobs, Generation, RequestError, chat_logprobs, check_model,
+                                  error_body, parse_chat, parse_completion, parse_generate, usage)
 from entrypoints.triton_client import GenerationError, TritonLLM
 
 log = logging.getLogger("entrypoints.api_server")
@@ -108,12 +109,33 @@ class Choices:
         return usage(sum(self.prompt_tokens.values()), self.completion_tokens)
 
 
+class ModelFiles:
+    """What the front reads of the served model's folder: chat template, tokenizer, max_model_len."""
+
+    def __init__(self, config: dict, model_dir: str, template_override: str | None):
+        self.folder = chat_template.model_tokenizer_dir(config, model_dir)
+        self.template, self.template_error = None, ""
+        try:
+            self.template = chat_template.load(self.folder, template_override)
+        except (chat_template.ChatTemplateError, OSError) as e:
+            self.template_error = str(e)
+        self.max_model_len = chat_template.model_max_len(config, self.folder)
+        self._tokenizer = None
+
+    def tokenizer(self):
+        if self.folder is None:
+            raise RequestError("the model's tokenizer is not found from this front", status=500)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+
 class OpenAIServer:
     def __init__(self, llm: TritonLLM, served_names: list[str], model_dir: str = "",
                  chat_template_override: str | None = None, api_key: str | None = None, metrics_url: str = ""):
         self.llm, self.served, self.api_key, self.metrics_url = llm, served_names, api_key, metrics_url
         self.model_dir, self.chat_template_override = model_dir, chat_template_override
-        self._chat_template = None
+        self._files = None
         self.created = int(time.time())
 
     def app(self) -> web.Application:
@@ -122,7 +144,8 @@ class OpenAIServer:
                         web.get("/metrics", self.metrics),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
-                        web.post("/generate", self.generate)])
+                        web.post("/generate", self.generate), web.post("/tokenize", self.tokenize),
+                        web.post("/detokenize", self.detokenize)])
         app.on_cleanup.append(lambda _: self.llm.close())
         return app
 
@@ -277,21 +300,57 @@ class OpenAIServer:
                  for i in range(g.n)]
         return await self._serve(request, g, "chat.completion.chunk", choice, final, extra_chunks=roles)
 
-    async def _template(self) -> chat_template.ChatTemplate:
-        if self._chat_template is None:
+    async def _model_files(self) -> "ModelFiles":
+        """The served model's tokenizer and chat template, found through its configuration (once)."""
+        if self._files is None:
             try:
                 config = await self.llm.model_config()
             except Exception as e:  # noqa: BLE001 -- the server is not up yet
                 raise RequestError(f"the model is not ready: {e}", status=503) from None
-            folder = chat_template.model_tokenizer_dir(config, os.path.join(self.model_dir, self.llm.model_name))
-            try:
-                self._chat_template = chat_template.load(folder, self.chat_template_override)
-            except chat_template.ChatTemplateError as e:
-                raise RequestError(str(e), status=500) from None
-            if self._chat_template is None:
-                raise RequestError("the model has no chat template (its tokenizer_config.json has no "
-                                   "'chat_template'): start the front with --chat-template FILE", "messages")
-        return self._chat_template
+            self._files = ModelFiles(config, os.path.join(self.model_dir, self.llm.model_name),
+                                     self.chat_template_override)
+        return self._files
+
+    async def _template(self) -> chat_template.ChatTemplate:
+        files = await self._model_files()
+        if files.template_error:
+            raise RequestError(files.template_error, status=500)
+        if files.template is None:
+            raise RequestError("the model has no chat template (its tokenizer_config.json has no "
+                               "'chat_template'): start the front with --chat-template FILE", "messages")
+        return files.template
+
+    async def tokenize(self, request):
+        """vLLM's /tokenize: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
+        body = await read_body(request)
+        check_model(body, self.served)
+        files = await self._model_files()
+        if "messages" in body:
+            _, messages, options = parse_chat({**body, "stream": False}, self.served)
+            text = (await self._template()).render(messages, options["add_generation_prompt"],
+                                                   options["continue_final_message"], **options["chat_template_kwargs"])
+            default_special = False   # the template writes its own special tokens
+        elif isinstance(body.get("prompt"), str):
+            text, default_special = body["prompt"], True
+        else:
+            raise RequestError("'prompt' (a string) or 'messages' is required", "prompt")
+        add_special = body.get("add_special_tokens", default_special)
+        if not isinstance(add_special, bool):
+            raise RequestError("'add_special_tokens' must be a boolean", "add_special_tokens")
+        tokens = files.tokenizer().encode(text, add_special_tokens=add_special)
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": files.max_model_len})
+
+    async def detokenize(self, request):
+        """vLLM's /detokenize: {"tokens"} -> {"prompt"}."""
+        body = await read_body(request)
+        check_model(body, self.served)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise RequestError("'tokens' must be a list of token ids", "tokens")
+        tokenizer = (await self._model_files()).tokenizer()
+        if any(not 0 <= t < len(tokenizer) for t in tokens):
+            raise RequestError(f"'tokens' must be token ids in [0, {len(tokenizer)})", "tokens")
+        return web.json_response({"prompt": tokenizer.decode(tokens, skip_special_tokens=False)})
 
     async def generate(self, request):
         """vLLM's /generate: {"text": [prompt + completion, ...]}; streamed as one such JSON object

@@ -111,3 +111,17 @@ def model_tokenizer_dir(model_config: dict, model_dir: str, cwd: str | None = No
         return None
     path = os.path.join(model_dir, os.path.expanduser(name))   # an absolute name stays as it is
     return path if os.path.isdir(path) else None
+
+
+def model_max_len(model_config: dict, folder: str | None) -> int | None:
+    """The engine's max_model_len as configured (parameter or model.json), else the checkpoint's
+    max_position_embeddings (the engine's default); None if neither is known."""
+    params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip()
+              for k, v in (model_config.get("parameters") or {}).items()}
+    if params.get("max_model_len", "0").isdigit() and int(params.get("max_model_len") or 0) > 0:
+        return int(params["max_model_len"])
+    path = os.path.join(folder, "config.json") if folder else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("max_position_embeddings")
+    return None

@@ -14,7 +14,7 @@ OPENAI_SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "presence_penalt
 VLLM_SAMPLING = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                  "skip_special_tokens", "include_stop_str_in_output", "spaces_between_special_tokens",
                  "use_beam_search", "best_of", "length_penalty", "early_stopping", "allowed_token_ids",
-                 "bad_words", "truncate_prompt_tokens")
+                 "bad_words", "truncate_prompt_tokens", "add_special_tokens")
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 LOGPROB_FLOOR = -9999.0   # -inf is no JSON number: vLLM reports this instead
@@ -131,6 +131,7 @@ def parse_chat(body: dict, served: list[str]) -> tuple[Generation, list[dict], d
     if top is not None and not want_logprobs:
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     sampling = _sampling(body)
+    sampling.setdefault("add_special_tokens", False)   # the chat template writes them (as vLLM)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     sampling["max_tokens"] = limit   # null: until max_model_len, as vLLM
     logprobs = (top or 0) if want_logprobs else None

@@ -260,6 +260,18 @@ def test_truncate_prompt_tokens_keeps_the_last_k(tiny_checkpoints):
     assert engine.generate([[5, 6]], greedy(3, truncate_prompt_tokens=10))[0].num_prompt_tokens == 2
 
 
+def test_add_special_tokens_false_leaves_out_the_tokenizers_bos(tiny_checkpoints):
+    """As vLLM tokenizes a chat template's output: the tiny tokenizer prepends <s> (id 0) unless told not to."""
+    engine = make_engine(tiny_checkpoints["llama"])
+    text = "<s>ROMEO: speak"
+    with_bos = engine.generate([text], greedy(4))[0]
+    without = engine.generate([text], greedy(4, add_special_tokens=False))[0]
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == 0 and engine.tokenizer.encode(text)[:2] == [0, 0]   # the template's <s>, then the tokenizer's
+    assert without.num_prompt_tokens == len(ids) == with_bos.num_prompt_tokens - 1
+    assert without.token_ids == engine.generate([ids], greedy(4))[0].token_ids
+
+
 def test_empty_prompt_is_refused(tiny_checkpoints):
     from backend import serving
     engine = make_engine(tiny_checkpoints["llama"])

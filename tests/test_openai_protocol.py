@@ -87,7 +87,7 @@ def test_the_sandbox_refuses_unsafe_attribute_access():
 
 def test_load_finds_tokenizer_config_the_jinja_file_and_the_override(tmp_path, hf_tokenizer):
     assert chat_template.load(DEFAULT_MODEL).render([{"role": "user", "content": "Who's there?"}]) == \
-        "First Citizen:\nWho's there?\n\nSecond Citizen:\n"
+        "<s>First Citizen:\nWho's there?\n\nSecond Citizen:\n"
     hf_tokenizer.chat_template = CHAT_TEMPLATE
     hf_tokenizer.save_pretrained(tmp_path / "tok")   # wherever this transformers version writes it
     loaded = chat_template.load(str(tmp_path / "tok"))
@@ -155,10 +155,10 @@ def test_chat_request_fields():
                                                                                  {"type": "text", "text": "b"}]}],
                                        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 3}, SERVED)
     assert messages == [{"role": "user", "content": "ab"}] and g.logprobs == 3
-    assert g.sampling == {"max_tokens": 9, "logprobs": 3}
+    assert g.sampling == {"max_tokens": 9, "logprobs": 3, "add_special_tokens": False}   # the template writes them
     assert options == {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}
     g, _, _ = parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, SERVED)
-    assert g.logprobs == 0 and g.sampling == {"max_tokens": None, "logprobs": 0}   # no max: to max_model_len
+    assert g.logprobs == 0 and g.sampling == {"max_tokens": None, "logprobs": 0, "add_special_tokens": False}
     _, _, options = parse_chat({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True},
                                SERVED)
     assert options["add_generation_prompt"] is False

@@ -29,9 +29,10 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 DATA = Path(__file__).parent / "data" / "tinyshakespeare.txt"
 PROMPT = "To be or not to be, that is"
 # Chat as a play (the OpenAI front renders it): the user speaks as First Citizen (or the message's
-# `name`), the model answers as Second Citizen; a system message is a stage direction.
+# `name`), the model answers as Second Citizen; a system message is a stage direction. It starts
+# with <s> as every training window did (chat prompts are tokenized without the tokenizer's own).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] ~ '\\n\\n' }}"
     "{% else %}{% set speaker = message['name'] if message['name'] else "
     "('First Citizen' if message['role'] == 'user' else 'Second Citizen') %}"

@@ -104,7 +104,7 @@ def test_completion_logprobs_are_the_models(server, client):
     r = generate(server, {**greedy(PROMPT, max_tokens=6, logprobs=2), "return_logprobs": True})
     maps = json.loads(r.json()["logprobs"])
     assert lp.token_logprobs == pytest.approx([next(iter(m.values()))["logprob"] for m in maps])
-    assert "".join(lp.tokens) == out.choices[0].text
+    assert len(lp.tokens) == 6 and all(isinstance(t, str) and t for t in lp.tokens)
     assert all(2 <= len(top) <= 3 for top in lp.top_logprobs)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
@@ -113,8 +113,10 @@ def test_chat_uses_the_tokenizers_template(server, client, tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who goes there?"}]
     out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
-    assert out.choices[0].message.content == triton_text(server, rendered(tokenizer, messages), 10)
-    assert out.usage.prompt_tokens == len(tokenizer(rendered(tokenizer, messages))["input_ids"])
+    # tokenized as vLLM's chat API does: without the tokenizer's own special tokens (the template's only)
+    assert out.choices[0].message.content == triton_text(server, rendered(tokenizer, messages), 10,
+                                                         add_special_tokens=False)
+    assert out.usage.prompt_tokens == len(tokenizer(rendered(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def test_chat_stream_and_logprobs(server, client, tokenizer):
@@ -123,9 +125,13 @@ def test_chat_stream_and_logprobs(server, client, tokenizer):
                                                  temperature=0, stream=True, logprobs=True, top_logprobs=2))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert text == triton_text(server, rendered(tokenizer, messages), 12)
+    assert text == triton_text(server, rendered(tokenizer, messages), 12, add_special_tokens=False)
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert len(tokens) == 12 and "".join(t.token for t in tokens) == text
+    r = generate(server, {**greedy(rendered(tokenizer, messages), max_tokens=12, logprobs=2, add_special_tokens=False),
+                          "return_logprobs": True})
+    maps = json.loads(r.json()["logprobs"])
+    assert [t.logprob for t in tokens] == pytest.approx([next(iter(m.values()))["logprob"] for m in maps])
+    # (a token's own text may be half a character, "\ufffd", as in vLLM: the texts need not join up)
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob for t in tokens)
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -176,6 +182,24 @@ def test_bad_requests_get_openai_errors(server, client):
     bad_stream = requests.post(f"{server.openai_url}/v1/completions", json={"prompt": PROMPT, "stream": True,
                                                                              "top_p": 2.0}, timeout=10)
     assert bad_stream.status_code == 400 and bad_stream.json()["error"]["param"] == "top_p"
+
+
+def test_tokenize_and_detokenize_agree_with_the_engine(server, client, tokenizer):
+    """vLLM's /tokenize and /detokenize: the counts are the engine's own (usage), ids round-trip."""
+    url = server.openai_url
+    out = client.completions.create(model=MODEL_NAME, prompt=PROMPT + " hello", max_tokens=1, temperature=0)
+    counted = requests.post(f"{url}/tokenize", json={"model": MODEL_NAME, "prompt": PROMPT + " hello"}, timeout=10).json()
+    assert counted["count"] == len(counted["tokens"]) == out.usage.prompt_tokens and counted["max_model_len"] == 4096
+    messages = [{"role": "user", "content": "Who goes there?"}]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1, temperature=0)
+    counted = requests.post(f"{url}/tokenize", json={"messages": messages}, timeout=10).json()
+    assert counted["count"] == chat.usage.prompt_tokens
+    assert counted["tokens"] == tokenizer(rendered(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    plain = requests.post(f"{url}/tokenize", json={"prompt": "Héllo 🙂", "add_special_tokens": False}, timeout=10)
+    back = requests.post(f"{url}/detokenize", json={"tokens": plain.json()["tokens"]}, timeout=10)
+    assert back.json() == {"prompt": "Héllo 🙂"}
+    bad = requests.post(f"{url}/detokenize", json={"tokens": [10 ** 9]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
 def curl(*args):
