@@ -178,9 +178,13 @@ class OpenAIServer:
             return error_response(f"the server's metrics are not reachable: {e}", 503)
 
     async def models(self, request):
+        try:
+            max_model_len = (await self._model_files()).max_model_len
+        except RequestError:   # the server is not up yet
+            max_model_len = None
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": OWNER, "root": self.served[0],
-             "parent": None} for name in self.served]})
+             "parent": None, "max_model_len": max_model_len} for name in self.served]})
 
     # ---- generation ------------------------------------------------------------------------------
     async def _deltas(self, g: Generation):

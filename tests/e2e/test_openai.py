@@ -49,7 +49,8 @@ def rendered(tokenizer, messages):
 
 def test_health_models_and_metrics(server, client):
     assert requests.get(f"{server.openai_url}/health", timeout=10).status_code == 200
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_NAME] and models[0].max_model_len == 4096   # vLLM's field
     metrics = requests.get(f"{server.openai_url}/metrics", timeout=10)   # where vLLM's server has them
     assert metrics.status_code == 200 and "vllm:num_requests_running{" in metrics.text
 
