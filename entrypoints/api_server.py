@@ -392,6 +392,8 @@ async def json_errors(request, handler):
         return await handler(request)
     except RequestError as e:
         return error_response(e.message, e.status, e.param)
+    except ConnectionResetError:   # the client went away mid-stream: its request is cancelled already
+        return web.Response(status=499)
     except web.HTTPException as e:
         if e.status < 400:
             raise
