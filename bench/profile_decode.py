@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--fp32-logits", action="store_true",
-                    help="greedy steps too take the argmax of an fp32 copy of the logits (as before they could skip it)")
+                    help="greedy steps too take the argmax of an fp32 copy of the logits (the way before)")
     ap.add_argument("--table", type=int, default=20, help="rows of the kernel table (0: none)")
     ap.add_argument("--serving-like", action="store_true",
                     help="as the server runs requests: DELTA outputs, detokenized, a callback per output")
