@@ -5,8 +5,9 @@ behind the front's detokenizing and the server's response sending, and a small m
 then wait for the host. Here the core (scheduler, model runner, tensor-parallel workers) runs in a
 spawned child with a GIL of its own and steps on its own; the front keeps tokenizing, the output
 processor and the callbacks. One pipe carries commands in, another, per step, the core's outputs
-(token ids only) with a snapshot of its counters out. The front's commands leave through a thread
-of their own: a large request must never wait on a pipe while the core waits on the other.
+(token ids only, flattened by backend/core_message.py) with a snapshot of its counters out. The
+front's commands leave through a thread of their own: a large request must never wait on a pipe
+while the core waits on the other.
 
 CoreProcessClient offers what LLMEngine uses of an EngineCore, so the engine drives either.
 """
@@ -17,6 +18,7 @@ import queue
 import threading
 
 from backend.config import EngineConfig
+from backend.core_message import StepDecoder, StepEncoder
 from backend.errors import INTERNAL
 from backend.outputs import CoreOutput
 from backend.worker import spawn_context
@@ -45,6 +47,7 @@ class CoreProcessClient:
         self.in_flight: set[str] = set()    # requests sent to the core and not yet finished
         self._max_num_seqs = config.max_num_seqs
         self.step_samples: collections.deque = collections.deque(maxlen=4096)
+        self._decoder = StepDecoder()
         self._alive = True
         kind, payload = self._wait_ready()
         if kind == "error":
@@ -119,8 +122,8 @@ class CoreProcessClient:
             if not self._conn.poll(STEP_WAIT_S):
                 return outputs
             while True:
-                _, step_outputs, stats, samples, healthy = self._conn.recv()
-                outputs += step_outputs
+                _, message, stats, samples, healthy = self._conn.recv()
+                outputs += self._decoder.decode(message)
                 self._stats, self._core_healthy = stats, healthy
                 self.step_samples.extend(samples)
                 if not self._conn.poll(0):
@@ -174,6 +177,7 @@ def core_main(config: EngineConfig, eos_token_ids: set[int], commands, outputs):
 
 
 def serve(core, commands, outputs):
+    encoder = StepEncoder()
     while True:
         idle = not core.has_unfinished()
         took = False
@@ -184,7 +188,7 @@ def serve(core, commands, outputs):
         step_outputs = core.step()   # after commands too: an abort's final output goes out this way
         samples = [core.step_samples.popleft() for _ in range(len(core.step_samples))]
         if step_outputs or samples:
-            outputs.send(("step", step_outputs, core.stats(), samples, core.healthy))
+            outputs.send(("step", encoder.encode(step_outputs), core.stats(), samples, core.healthy))
 
 
 def apply(core, message) -> bool:

@@ -93,7 +93,7 @@ class ModelRunner:
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
                                 torch.arange(n, device=self.device),
                                 [(cache[0, i], cache[1, i]) for i in range(a.num_layers)], meta)
-            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):]).float()   # the sampler's copy
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del cache, hidden
@@ -186,7 +186,7 @@ class ModelRunner:
         return result
 
     def _forward(self, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:
-        """Logits [len(out.sampling_seqs()), vocab] fp32."""
+        """Logits [len(out.sampling_seqs()), vocab] in the model's dtype (the sampler upcasts if it must)."""
         self.copy_blocks(out.block_copies)
         wants_prompt_logprobs = any(s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens
                                     for s in out.seqs)

@@ -90,7 +90,12 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)   # requests without a seed
 
     def sample_step(self, logits: torch.Tensor, batch: SamplingBatch) -> StepResult:
-        """logits: one row per sampling sequence of the step (SchedulerOutput.sampling_seqs)."""
+        """logits: one row per sampling sequence of the step (SchedulerOutput.sampling_seqs), in the
+        model's dtype. Only a step that reads their values pays for an fp32 copy: a step of greedy rows
+        alone (min_tokens masks aside) takes the argmax in bf16, which picks the same token as in fp32
+        (bf16 -> fp32 is exact and both return the first maximum). Decided on the host: no sync."""
+        if batch.beam_seqs or any(s.params.needs_fp32_logits for s in batch.seqs):
+            logits = logits.float()
         beam_logprobs = None
         if batch.beam_seqs:
             beam_logprobs = torch.log_softmax(logits[batch.beam_rows], dim=-1)
@@ -109,7 +114,8 @@ class Sampler:
         return StepResult(batch.seqs, tokens, batch.beam_seqs, beam_logprobs, logprob_rows, packed, top_k)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], masked_ids: list[set[int]]) -> torch.Tensor:
-        """logits [S, V] fp32, one row per sequence; masked_ids[i] may not be drawn for row i.
+        """logits [S, V] fp32 (or the model's dtype if every row is greedy without processors), one row
+        per sequence; masked_ids[i] may not be drawn for row i.
         Returns the token ids on logits' device (no host sync)."""
         logits = apply_logits_processors(logits, seqs)   # penalties, bias, ...: only rows that ask
         for i, ids in enumerate(masked_ids):

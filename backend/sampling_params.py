@@ -121,6 +121,12 @@ class SamplingParams:
         """Any of the logits processors applies (backend/logits_processors.py)."""
         return self.needs_output_history or bool(self.logit_bias) or self.allowed_token_ids is not None
 
+    @cached_property
+    def needs_fp32_logits(self) -> bool:
+        """Its token is more than the argmax of the raw logits (sampling, log-probs, processors, beams).
+        Cached: the params are complete before the engine core reads them."""
+        return not self.greedy or self.wants_logprob or self.processes_logits or self.use_beam_search
+
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
         """Unknown keys are ignored (requests carry other parameters beside these)."""

@@ -2,8 +2,9 @@
 busy time, kernels per step and the top kernels (torch.profiler), with every running sequence
 decoding (prompts done) at a fixed context.
 
-usage: python3 bench/profile_decode.py --shape qwen3-0.6b --num-seqs 256 --context 1024 [--steps 50]
-Prints a JSON line and the profiler's kernel table.
+usage: python3 bench/profile_decode.py --shape qwen3-0.6b --num-seqs 256 --context 1024 [--steps 50] [--fp32-logits]
+Prints a JSON line and the profiler's kernel table (the LM head's GEMM, the logits' fp32 copy, if
+any, and the argmax are rows of it).
 """
 import argparse
 import json
@@ -95,8 +96,34 @@ def segment_timer(engine):
     return totals
 
 
+LABELS = ("lm_head", "sampler")   # profiler ranges around the runner's compute_logits and sample_step
+
+
+def label_logits_and_sampling(runner):
+    """Put the LM head (compute_logits) and the sampler (sample_step: the fp32 copy, if any, and the
+    argmax) in profiler ranges of their own, so that their GPU time per step can be read apart."""
+    def labelled(owner, name, label):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return original(*args, **kwargs)
+        setattr(owner, name, wrapper)
+    labelled(runner.model, "compute_logits", LABELS[0])
+    labelled(runner.sampler, "sample_step", LABELS[1])
+
+
+def labelled_gpu_ms(prof, steps: int) -> dict:
+    """GPU ms per step of the kernels launched inside each LABELS range."""
+    totals = {label: 0.0 for label in LABELS}
+    for e in prof.events():
+        if e.name in totals and e.device_type == torch.autograd.DeviceType.CPU:
+            totals[e.name] += e.device_time_total
+    return {f"{label}_gpu_ms_per_step": round(us / steps / 1e3, 3) for label, us in totals.items()}
+
+
 def kernel_stats(prof, steps: int) -> dict:
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in LABELS]
     kernels = [e for e in events if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     return {"kernels_per_step": round(len(kernels) / steps, 1), "gpu_kernel_ms_per_step": round(busy_us / steps / 1e3, 3),
@@ -111,6 +138,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--fp32-logits", action="store_true",
+                    help="greedy steps too take the argmax of an fp32 copy of the logits (the way before)")
     ap.add_argument("--table", type=int, default=20, help="rows of the kernel table (0: none)")
     ap.add_argument("--serving-like", action="store_true",
                     help="as the server runs requests: DELTA outputs, detokenized, a callback per output")
@@ -121,6 +150,8 @@ def main():
     prompts, _ = workload(a.num_seqs, (a.context, a.context), (1, 1))
     params = SamplingParams(temperature=a.temperature, max_tokens=4 * a.steps + 32, ignore_eos=True,
                             detokenize=a.serving_like, output_kind=DELTA if a.serving_like else CUMULATIVE)
+    if a.fp32_logits:
+        params.__dict__["needs_fp32_logits"] = True   # what the cached property would hold for a sampled request
     sink = queue.SimpleQueue()
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", "", params, prompt_token_ids=p, on_output=sink.put if a.serving_like else None)
@@ -154,6 +185,7 @@ def main():
     wait = waited[0] / a.steps
     measured_segments = dict(segments)
     from torch.profiler import ProfilerActivity, profile
+    label_logits_and_sampling(engine.core.runner)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             engine.step()
@@ -170,7 +202,7 @@ def main():
                           waiting_for_gpu_ms=round(wait * 1e3, 3), bound_ms=round(bound_ms, 3),
                           weight_read_ms=round(weight_ms, 3), of_bound=round(bound_ms / wall / 1e3, 3),
                           host_ms_per_step={k: round(v / a.steps * 1e3, 3) for k, v in measured_segments.items()},
-                          **kernel_stats(prof, a.steps))), flush=True)
+                          **kernel_stats(prof, a.steps), **labelled_gpu_ms(prof, a.steps))), flush=True)
     if a.cprofile:
         host_profile(engine, a.steps, a.cprofile)
     if a.table:

@@ -138,13 +138,15 @@ def main():
     ap.add_argument("--input-len", type=int, nargs=2, default=[512, 512])
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", default="8192")
+    ap.add_argument("--engine-core-process", action="store_true", help="the engine core in a process of its own")
     ap.add_argument("--out", default="")
     ap.add_argument("--perf-analyzer", type=int, default=0, metavar="CONCURRENCY",
                     help="also run perf_analyzer --streaming at this concurrency")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="llm-serving-")
     server = start_shape_server(a.shape, tmp, max_num_batched_tokens=a.max_num_batched_tokens,
-                                max_model_len=str(a.input_len[1] + a.output_len + 16))
+                                max_model_len=str(a.input_len[1] + a.output_len + 16),
+                                engine_core_process=str(a.engine_core_process).lower())
     rng = random.Random(0)
     lines = []
     try:

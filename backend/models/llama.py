@@ -234,4 +234,5 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse_weights()
 
     def compute_logits(self, hidden):
-        return parallel.all_gather_last_dim(self.lm_head(hidden).float())
+        """In the model's dtype: the sampler makes the fp32 copy only for steps that read the values."""
+        return parallel.all_gather_last_dim(self.lm_head(hidden))
