@@ -322,3 +322,19 @@ def test_fp8_quality_bench_runs_on_the_default_model():
     assert [r["config"] for r in rows] == [*fp8_quality.CONFIGS, "bfloat16 (yardstick)"]
     for r in rows:
         assert 0 <= r["greedy_agreement"] <= 1 and r["mean_kl"] > 0 and r["teacher_forced_top1"] > 0.5, r
+
+
+def test_fp8_bound_counts_projections_at_one_byte():
+    """bench/bound.py: bf16 reads 2 bytes a parameter (unchanged); FP8 weights read the decoder
+    projections at 1 byte and the rest (embedding, LM head) at 2; an FP8 cache halves KV bytes."""
+    from bench.bound import bound_seconds, weight_bytes
+    from bench.shapes import SHAPES, params_of
+    c = SHAPES["llama3-8b"]
+    embed = c["vocab_size"] * c["hidden_size"] * 2          # parameters of the embedding and the (untied) LM head
+    assert weight_bytes("llama3-8b") == 2 * params_of("llama3-8b")
+    assert weight_bytes("llama3-8b", fp8_weights=True) == params_of("llama3-8b") - embed + 2 * embed
+    decode_only = dict(num_seqs=256, input_len=512, output_len=256, copy_bw=3e12, flops=float("inf"))
+    bf16, kv8 = bound_seconds("llama3-8b", **decode_only), bound_seconds("llama3-8b", fp8_kv=True, **decode_only)
+    both = bound_seconds("llama3-8b", fp8_weights=True, fp8_kv=True, **decode_only)
+    # half of everything, but the embedding and LM head (embed parameters) still read at 2 bytes
+    assert both == pytest.approx(bf16 / 2 + 256 * embed / 3e12) and bf16 > kv8 > both
