@@ -15,6 +15,11 @@ channels (exact), so q, k and v with different scales fuse by concatenation. A c
 `input_scale` (static activation scales) is not used: dynamic per-token scales are at least as precise.
 
 On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests check the real thing.
+
+Small batches (decode) may instead run W8A16 (kernels.fp8_weight_gemm: x as it is, e4m3 weights
+dequantized in registers, one Triton launch, no activation quantization): on CUDA when the flattened M
+is at most TRITON_W8A16_MAX_M. cuBLASLt's FP8 GEMM is built for large M; at decode sizes the GEMM is a
+weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say.
 """
 import torch
 from torch import nn
@@ -25,6 +30,11 @@ from kernels.fp8 import FP8_DTYPE
 # The decoder layers' projections that run in FP8 (the embedding and the LM head stay in the model's dtype,
 # as in vLLM's FP8 checkpoints).
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Largest flattened M that takes the Triton W8A16 kernel on CUDA; 0: off (every M through _scaled_mm)
+# until bench/fp8_gemm.py on the H100 shows where the kernel wins. M is a shape, so the choice is fixed
+# per captured CUDA graph.
+TRITON_W8A16_MAX_M = 0
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +90,9 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         if not rows.shape[0]:
             return x.new_empty(*x.shape[:-1], self.out_features)
+        if rows.shape[0] <= TRITON_W8A16_MAX_M and kernels.use_triton(rows):
+            y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         x_fp8, x_scale = quantize_rows(rows)
         y = scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.out_dtype)
         if self.bias is not None:
