@@ -279,12 +279,7 @@ class OpenAIServer:
 
     async def chat_completions(self, request):
         g, messages, options = parse_chat(await read_body(request), self.served)
-        template = await self._template()
-        try:
-            g.prompts = [template.render(messages, options["add_generation_prompt"], options["continue_final_message"],
-                                         **options["chat_template_kwargs"])]
-        except chat_template.ChatTemplateError as e:
-            raise RequestError(str(e), "messages") from None
+        g.prompts = [await self._render_chat(messages, options)]
 
         def logprobs(maps):
             return chat_logprobs(maps, g.logprobs) if g.logprobs is not None else None
@@ -324,6 +319,14 @@ class OpenAIServer:
                                "'chat_template'): start the front with --chat-template FILE", "messages")
         return files.template
 
+    async def _render_chat(self, messages: list[dict], options: dict) -> str:
+        template = await self._template()
+        try:
+            return template.render(messages, options["add_generation_prompt"], options["continue_final_message"],
+                                   **options["chat_template_kwargs"])
+        except chat_template.ChatTemplateError as e:
+            raise RequestError(str(e), "messages") from None
+
     async def tokenize(self, request):
         """vLLM's /tokenize: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
         body = await read_body(request)
@@ -331,8 +334,7 @@ class OpenAIServer:
         files = await self._model_files()
         if "messages" in body:
             _, messages, options = parse_chat({**body, "stream": False}, self.served)
-            text = (await self._template()).render(messages, options["add_generation_prompt"],
-                                                   options["continue_final_message"], **options["chat_template_kwargs"])
+            text = await self._render_chat(messages, options)
             default_special = False   # the template writes its own special tokens
         elif isinstance(body.get("prompt"), str):
             text, default_special = body["prompt"], True
@@ -361,23 +363,18 @@ class OpenAIServer:
         per line, each with the texts so far."""
         g = parse_generate(await read_body(request))
         prompt = g.prompts[0]
+
+        def texts(choices):
+            return {"text": [prompt + "".join(pieces) for pieces in choices.texts]}
         if not g.stream:
-            choices = Choices(1, g.n)
-            try:
-                async with aclosing(self._deltas(g)) as deltas:
-                    async for i, delta in deltas:
-                        for _ in choices.updates(i, delta):
-                            pass
-            except GenerationError as e:
-                return error_response(*generation_error(e))
-            return web.json_response({"text": [prompt + "".join(pieces) for pieces in choices.texts]})
+            return await self._serve(request, g, "", None, texts)
         choices = Choices(1, g.n)
         stream = EventStream(request, "application/x-ndjson", sse=False)
         try:
             async with aclosing(self._deltas(g)) as deltas:
                 async for i, delta in deltas:
                     if list(choices.updates(i, delta)):
-                        await stream.send({"text": [prompt + "".join(pieces) for pieces in choices.texts]})
+                        await stream.send(texts(choices))
         except GenerationError as e:
             if stream.response is None:
                 return error_response(*generation_error(e))

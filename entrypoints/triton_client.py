@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as aioclient
 # Phrases of the engine's errors for requests it cannot take now (backend/engine.py), and Triton's
 # for a model that is not loaded: over a gRPC stream an error carries only its message (Triton 2.51).
 UNAVAILABLE_PHRASES = ("overloaded", "shutting down", "not healthy", "timeout expired", "is not ready",
-                       "unknown model", "is not healthy", "was aborted")
+                       "unknown model", "was aborted")
 
 
 class GenerationError(Exception):
@@ -110,20 +110,14 @@ class TritonLLM:
         async def the_request():
             yield {"model_name": self.model_name, "inputs": inputs, "request_id": uuid.uuid4().hex}
         responses = self.client.stream_infer(the_request())
-        done = False
         try:
             async for result, error in responses:
                 if error is not None:
-                    done = True
                     raise GenerationError(error.message() if hasattr(error, "message") else str(error))
                 yield parse_response(result.get_response())
-            done = True
         except aioclient.InferenceServerException as e:
-            done = True
             raise GenerationError(e.message()) from None
         except grpc.RpcError as e:   # the server went away (restarting) or is not there yet
-            done = True
             raise GenerationError(f"the inference server is not reachable: {e.details()}", unavailable=True) from None
-        finally:
-            if not done:
-                responses.cancel()
+        finally:   # a no-op for a finished call; cancels the request when the caller left early
+            responses.cancel()

@@ -199,6 +199,8 @@ def test_tokenize_and_detokenize_agree_with_the_engine(server, client, tokenizer
     plain = requests.post(f"{url}/tokenize", json={"prompt": "Héllo 🙂", "add_special_tokens": False}, timeout=10)
     back = requests.post(f"{url}/detokenize", json={"tokens": plain.json()["tokens"]}, timeout=10)
     assert back.json() == {"prompt": "Héllo 🙂"}
+    refused = requests.post(f"{url}/tokenize", json={"messages": [{"role": "robot", "content": "x"}]}, timeout=10)
+    assert refused.status_code == 400 and "unknown role" in refused.json()["error"]["message"]
     bad = requests.post(f"{url}/detokenize", json={"tokens": [10 ** 9]}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
