@@ -46,6 +46,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
     """x_fp8 [M, K] (scales [M, 1]) @ weight [N, K].T (scales [N]) -> [M, N] in out_dtype. CUDA's row-wise
     _scaled_mm writes bf16 only: other dtypes are converted from it there."""
+    if x_fp8.device.type == "cuda" and (x_fp8.shape[1] % 16 or weight.shape[0] % 16):
+        # cuBLAS's FP8 GEMM wants K and N in multiples of 16 (served models' are): same math, dequantized.
+        return ((x_fp8.float() * x_scale) @ (weight.float() * weight_scale.view(-1, 1)).t()).to(out_dtype)
     mm_dtype = out_dtype if x_fp8.device.type == "cpu" else torch.bfloat16
     y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=mm_dtype)
     return y.to(out_dtype)

@@ -159,17 +159,20 @@ def poisson_arrivals(rng, rate, duration_s=0.0, num_requests=0):
         times.append(t)
 
 
-def plan_requests(workload, rate, prompts, seed=0, duration_s=60.0, num_requests=0, scale=1.0, lengths=None):
+def plan_requests(workload, rate, prompts, seed=0, duration_s=60.0, num_requests=0, scale=1.0, lengths=None,
+                  text_salt=""):
     """The requests of one rate; the same seed, workload and rate give the same plan. `lengths`:
-    the workload's lengths function where it is not one of WORKLOADS."""
+    the workload's lengths function where it is not one of WORKLOADS. `text_salt` changes only the
+    prompts' words: the same arrivals and lengths with other text, which the prefix cache has not seen."""
     rng = random.Random(f"{seed}:{workload}:{rate}")   # a str seed is hashed the same in every process
+    text_rng = random.Random(f"{seed}:{workload}:{rate}:text{text_salt}")
     lengths = lengths or WORKLOADS[workload][0]
     planned = []
     for i, arrival in enumerate(poisson_arrivals(rng, rate, duration_s, num_requests)):
         kind, input_len, output_len = lengths(rng)
         input_len = scaled(input_len, scale, prompts.added_tokens + 1)
         output_len = scaled(output_len, scale, 2)   # two tokens at least, so that TPOT is defined
-        planned.append(PlannedRequest(i, kind, input_len, output_len, arrival, prompts.build(input_len, rng)))
+        planned.append(PlannedRequest(i, kind, input_len, output_len, arrival, prompts.build(input_len, text_rng)))
     return planned
 
 
@@ -493,7 +496,8 @@ def write_lines(path, rows, mode):
 
 
 def run_rates(a, urls, prompts):
-    """urls: {api: url}; each level runs through every api in turn (the same plan)."""
+    """urls: {api: url}; each level runs through every api in turn: the same arrivals and lengths, each
+    api its own prompt words, so that the second does not find the first's prompts in the prefix cache."""
     slo = Slo(a.slo_ttft_ms, a.slo_ttft_long_ms, a.slo_itl_ms)
     lengths = workload_of(a)[0]
     if a.warmup:
@@ -505,9 +509,9 @@ def run_rates(a, urls, prompts):
     levels = [(None, c) for c in a.concurrency] or [(rate, 0) for rate in a.rates]
     for rate, concurrency in levels:
         num_requests = a.num_requests or (min(2 * concurrency, 256) if concurrency else 0)
-        planned = plan_requests(a.workload, rate or 1e9, prompts, a.seed, a.duration, num_requests, a.scale,
-                                lengths=lengths)
-        for api, url in urls.items():
+        for turn, (api, url) in enumerate(urls.items()):
+            planned = plan_requests(a.workload, rate or 1e9, prompts, a.seed, a.duration, num_requests, a.scale,
+                                    lengths=lengths, text_salt=str(turn) if turn else "")
             run = asyncio.run(run_plan(url, planned, a.request_timeout, concurrency, api))
             row = dict(label=a.label, api=api, workload=a.workload, rate=rate, concurrency=concurrency or None,
                        seed=a.seed, scale=a.scale, duration_s=a.duration if not num_requests else None,

@@ -16,7 +16,10 @@ MIN_AMAX = 1e-12   # an all-zero row (padding) gets a tiny scale, not 0 / 0
 def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX)
+    # A tensor divisor: torch on CUDA divides by a Python scalar as a product with its reciprocal, which
+    # is not the correctly rounded quotient the kernel computes (div_rn).
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

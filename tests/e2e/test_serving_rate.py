@@ -41,6 +41,17 @@ def test_plan_is_seeded_poisson_and_scaled(prompts):
     assert len(arrivals) == 4000 and arrivals[-1] / 4000 == pytest.approx(1 / 8, rel=0.08)   # mean gap 1/rate
 
 
+def test_a_text_salt_changes_only_the_words(prompts):
+    """--api both sends the second api prompts of the same lengths at the same times, none of them a prompt
+    the first api sent (the prefix cache would skip their prefill)."""
+    plan = sr.plan_requests("mixed", 4.0, prompts, seed=3, duration_s=10, scale=0.05)
+    salted = sr.plan_requests("mixed", 4.0, prompts, seed=3, duration_s=10, scale=0.05, text_salt="1")
+    assert [(p.arrival_s, p.kind, p.input_len, p.output_len) for p in plan] == \
+           [(p.arrival_s, p.kind, p.input_len, p.output_len) for p in salted]
+    assert all(prompts.count(p.prompt) == p.input_len for p in salted)
+    assert not {p.prompt for p in plan} & {p.prompt for p in salted}
+
+
 def test_timings_follow_the_definitions():
     planned = sr.PlannedRequest(0, "chat", 5, 4, 0.0, "")
     # times in exact binary fractions, so that the SLO's bounds can be tested at equality

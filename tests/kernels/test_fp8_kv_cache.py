@@ -62,7 +62,7 @@ def test_to_fp8_grid_rounding_matches_torch_everywhere():
     pos = every[every >= 0].sort().values
     mids = (pos[1:] + pos[:-1]) / 2
     x = torch.cat([every, mids, -mids, torch.tensor([1e6, -1e6, 0.0, -0.0, 1e-30, 2.0 ** -10, 3 * 2.0 ** -10]),
-                   randn(2000, seed=5) * 100]).to(DEVICE)
+                   randn(2000, seed=5).cpu() * 100]).to(DEVICE)
     n = x.numel()
     x = x[: n - n % 64].reshape(-1, 1, 64)        # tokens of one 64-wide head
     slots = torch.arange(x.shape[0], device=DEVICE)

@@ -25,7 +25,7 @@ def test_per_token_quant_equals_reference_bits(dtype, shape):
     assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
     amax = x.float().abs().amax(dim=1, keepdim=True)
     nonzero = amax[:, 0] > 0
-    assert torch.equal(scale[nonzero], amax[nonzero] / 448)   # each row's largest value maps to ±448
+    assert torch.equal(scale[nonzero], amax[nonzero] / torch.full_like(amax[nonzero], 448))   # each row's largest value maps to ±448
     assert (y.float().abs().amax(dim=1)[nonzero] == 448).all()
 
 
