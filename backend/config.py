@@ -34,7 +34,7 @@ class EngineConfig:
     queue_timeout_s: float = 0.0           # a request not started after this long fails (overload); 0: no limit
     target_itl_ms: float = 0.0             # step time to hold (prompt chunks sized by a fitted cost model); 0: off
     max_prefill_bypass: int = 8            # later, shorter prompts that may go before a prompt; 0: arrival order
-    engine_core_process: bool = False      # the engine core (scheduler, model) in a process of its own
+    engine_core_process: str = "auto"      # the engine core (scheduler, model) in a process of its own; auto: on CUDA
     quantization: str = ""                 # "" (none; an FP8 checkpoint still loads as fp8) or fp8: W8A8
     kv_cache_dtype: str = "auto"           # auto: the model's dtype; fp8 (alias fp8_e4m3): e4m3 with k/v scales
     # Filled by resolve() from the fields above and the checkpoint, once for every part and rank.
@@ -113,6 +113,8 @@ class EngineConfig:
         def check(ok, name, what):
             if not ok:
                 raise ValueError(f"parameter '{name}' {what}, got {getattr(self, name)!r}")
+        self.async_scheduling, self.engine_core_process = (v.lower() for v in (self.async_scheduling,
+                                                                                  self.engine_core_process))
         check(bool(self.model), "model", "must name a model directory")
         if self.load_format != "dummy":
             check(os.path.isfile(os.path.join(self.model, "config.json")), "model",
@@ -132,6 +134,7 @@ class EngineConfig:
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         check(self.async_scheduling in ("auto", "true", "false"), "async_scheduling", "must be auto, true or false")
+        check(self.engine_core_process in ("auto", "true", "false"), "engine_core_process", "must be auto, true or false")
         check(self.scheduling_policy in ("fcfs", "priority"), "scheduling_policy", "must be fcfs or priority")
         check(self.max_queue_size >= 0, "max_queue_size", "must be >= 0 (0: no limit)")
         check(0 <= self.queue_timeout_s < float("inf"), "queue_timeout_s", "must be >= 0 seconds (0: no limit)")
@@ -161,6 +164,14 @@ class EngineConfig:
         self.max_model_len = self.max_model_len or self.hf.get("max_position_embeddings", 4096)
         self._check_checkpoint_quantization()
         return self
+
+    @property
+    def uses_core_process(self) -> bool:
+        """The engine core in a process of its own: asked for, or auto on CUDA, where a small model's
+        steps would otherwise wait for the host behind the stub's other Python threads (measured in
+        bench/RESULTS.md); on a CPU the core's own compute wants every core there is."""
+        return self.engine_core_process == "true" or (
+            self.engine_core_process == "auto" and self.torch_device.type == "cuda")
 
     def _check_checkpoint_quantization(self):
         """An FP8 checkpoint (config.json quantization_config: backend/quantization.py names the layouts)
@@ -259,7 +270,7 @@ def _from_json(key, value, typ):
     if isinstance(value, bool):
         if typ is bool:
             return value
-        if typ is str and key == "async_scheduling":
+        if typ is str and key in ("async_scheduling", "engine_core_process"):
             return "true" if value else "false"
     elif isinstance(value, (int, float)) and typ in (int, float):
         return _convert(key, value, typ)

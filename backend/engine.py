@@ -37,7 +37,7 @@ class LLMEngine:
         self.config = config.resolve()
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
-        if config.engine_core_process:
+        if self.config.uses_core_process:
             from backend.core_process import CoreProcessClient
             self.core = CoreProcessClient(self.config, self.eos_token_ids)
         else:

@@ -19,7 +19,9 @@ On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests che
 Small batches (decode) may instead run W8A16 (kernels.fp8_weight_gemm: x as it is, e4m3 weights
 dequantized in registers, one Triton launch, no activation quantization): on CUDA when the flattened M
 is at most TRITON_W8A16_MAX_M. cuBLASLt's FP8 GEMM is built for large M; at decode sizes the GEMM is a
-weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say.
+weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say. The two paths round
+differently (W8A16 leaves x unquantized), so a token computed in a batch of <= 32 rows may differ in
+the last bits from the same token in a larger batch, as with any M-dependent GEMM choice.
 """
 import torch
 from torch import nn
@@ -31,10 +33,11 @@ from kernels.fp8 import FP8_DTYPE
 # as in vLLM's FP8 checkpoints).
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Largest flattened M that takes the Triton W8A16 kernel on CUDA; 0: off (every M through _scaled_mm)
-# until bench/fp8_gemm.py on the H100 shows where the kernel wins. M is a shape, so the choice is fixed
-# per captured CUDA graph.
-TRITON_W8A16_MAX_M = 0
+# Largest flattened M that takes the Triton W8A16 kernel on CUDA (above it, _scaled_mm). On the H100
+# (bench/fp8_gemm.py, RESULTS.md) the kernel beats per-token quantization + _scaled_mm at M <= 32 on every
+# projection of the Llama-3-8B and Qwen3-0.6B shapes but Llama's gate_up (56 vs 50 us), and loses from
+# M = 64 on. M is a shape, so the choice is fixed per captured CUDA graph.
+TRITON_W8A16_MAX_M = 32
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

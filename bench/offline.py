@@ -23,8 +23,11 @@ from bench.shapes import make_shape_dir  # noqa: E402
 
 def build_engine(shape, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048, **extra):
     path = make_shape_dir(shape, os.path.join(tempfile.gettempdir(), "llm-bench-shapes"))
+    # The core in this process unless --engine-param says otherwise: the tools time and profile its parts.
     params = dict(model=path, load_format="dummy", max_num_seqs=str(max_num_seqs),
-                  max_num_batched_tokens=str(max_num_batched_tokens), max_model_len=str(max_model_len), **extra)
+                  max_num_batched_tokens=str(max_num_batched_tokens), max_model_len=str(max_model_len),
+                  engine_core_process="false")
+    params.update(extra)
     return LLMEngine(EngineConfig.from_parameters(params))
 
 

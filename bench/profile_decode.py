@@ -144,9 +144,11 @@ def main():
     ap.add_argument("--serving-like", action="store_true",
                     help="as the server runs requests: DELTA outputs, detokenized, a callback per output")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the engine thread's top N functions (cProfile)")
+    ap.add_argument("--engine-param", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="more engine parameters, as in config.pbtxt (e.g. quantization=fp8 kv_cache_dtype=fp8)")
     a = ap.parse_args()
     engine = build_engine(a.shape, max(a.num_seqs, 1), 8192, max_model_len=a.context + 4 * a.steps + 64,
-                          enforce_eager=str(a.enforce_eager))
+                          enforce_eager=str(a.enforce_eager), **dict(kv.split("=", 1) for kv in a.engine_param))
     prompts, _ = workload(a.num_seqs, (a.context, a.context), (1, 1))
     params = SamplingParams(temperature=a.temperature, max_tokens=4 * a.steps + 32, ignore_eos=True,
                             detokenize=a.serving_like, output_kind=DELTA if a.serving_like else CUMULATIVE)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from backend.config import (IGNORED_ENGINE_ARGS, EngineConfig, engine_config_for_model)
 
@@ -106,6 +107,20 @@ def test_bad_values_are_refused_by_validation(checkpoint, tmp_path):
         EngineConfig.from_engine_args({"model": checkpoint, "gpu_memory_utilization": 1.5}, str(tmp_path))
     with pytest.raises(ValueError, match="must be a JSON object"):
         EngineConfig.from_engine_args(["model", checkpoint], str(tmp_path))
+
+
+@pytest.mark.parametrize("value, device, expected", [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("True", "cpu", True), (False, "cuda", False), (True, "cpu", True)])
+def test_engine_core_process_auto_means_on_cuda(checkpoint, tmp_path, monkeypatch, value, device, expected):
+    config = EngineConfig.from_engine_args({"model": checkpoint, "engine_core_process": value}, str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert config.resolve().torch_device.type == device and config.uses_core_process is expected
+
+
+def test_engine_core_process_refuses_other_values(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="'engine_core_process' must be auto, true or false, got 'sometimes'"):
+        EngineConfig.from_engine_args({"model": checkpoint, "engine_core_process": "sometimes"}, str(tmp_path))
 
 
 def test_relative_paths_look_in_the_working_directory_then_beside_model_json(tmp_path):

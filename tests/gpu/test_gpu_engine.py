@@ -16,7 +16,9 @@ PROMPTS = ["To be or not to be, that is", "ROMEO:", "First Citizen:\nBefore we p
 def gpu(path, **kw):
     from backend.config import EngineConfig
     from backend.engine import LLMEngine
-    params = {"model": path, "device": "cuda", "num_gpu_blocks_override": "512", **{k: str(v) for k, v in kw.items()}}
+    # in process (the served default on CUDA is a process of its own): the tests look into the core
+    params = {"model": path, "device": "cuda", "num_gpu_blocks_override": "512", "engine_core_process": "false",
+              **{k: str(v) for k, v in kw.items()}}
     return LLMEngine(EngineConfig.from_parameters(params))
 
 
@@ -38,6 +40,18 @@ def test_cuda_graphs_equal_eager_fp32():
     graphed = gpu(DEFAULT_MODEL, dtype="float32", max_num_seqs=64)
     assert graphed.core.runner.graphs is not None
     assert ids(graphed.generate(prompts, greedy(24))) == ids(eager)
+
+
+def test_the_default_on_cuda_is_a_core_process_with_the_same_outputs():
+    from backend.core_process import CoreProcessClient
+    prompts = prompt_set(8, seed=6)
+    local = ids(gpu(DEFAULT_MODEL, dtype="float32").generate(prompts, greedy(16)))
+    remote = gpu(DEFAULT_MODEL, dtype="float32", engine_core_process="auto")
+    try:
+        assert isinstance(remote.core, CoreProcessClient)
+        assert ids(remote.generate(prompts, greedy(16))) == local
+    finally:
+        remote.shutdown()
 
 
 def test_outputs_do_not_change_with_batch_size_fp32():
