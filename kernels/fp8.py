@@ -35,7 +35,9 @@ def _round_to_e4m3_grid(x):
     ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)     # 3 mantissa bits: powers of two,
     inv_ulp = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # so these products are exact
     rounded = ((tl.abs(x) * inv_ulp + 12582912.0) - 12582912.0) * ulp   # 1.5 * 2^23: fp32 adds round to even
-    return tl.where(bits < 0, -rounded, rounded)                        # the sign bit: -0.0 stays -0.0
+    # x's sign bit put back with an OR: a negation may compile to 0 - x, which turns -0.0 into +0.0
+    # (torch's cast keeps it: a value that rounds to zero from below is -0).
+    return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @lazy_jit
