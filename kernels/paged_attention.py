@@ -90,6 +90,11 @@ def _find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q: tl.constexpr)
     return lo - 1
 
 
+# How an FP8 cache's tiles reach the dots (KV_FP8); FP8_CONVERT_DIRECT picks the compiled one (see _fp8_mode).
+FP8_VIA_FP32, FP8_DIRECT = 1, 2
+FP8_CONVERT_DIRECT = False
+
+
 @lazy_jit
 def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len, tile_lo, tile_hi,
                   qk_scale, c_stride_b, c_stride_s, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -112,7 +117,9 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
             k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, N]
         else:
             k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
-        if KV_FP8:   # exact in q's dtype; k_scale is folded into qk_scale
+        if KV_FP8 == 2:   # FP8_DIRECT; exact in q's dtype; k_scale is folded into qk_scale
+            k = k.to(q.dtype)
+        elif KV_FP8:
             k = k.to(tl.float32).to(q.dtype)
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
@@ -129,7 +136,9 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
             v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
         else:
             v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
-        if KV_FP8:   # v_scale multiplies the accumulator at the end
+        if KV_FP8 == 2:   # FP8_DIRECT; v_scale multiplies the accumulator at the end
+            v = v.to(q.dtype)
+        elif KV_FP8:
             v = v.to(tl.float32).to(q.dtype)
         if UPCAST_DOT:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -324,6 +333,14 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     return out
 
 
+def _fp8_mode(k_cache) -> int:
+    """KV_FP8: 0 no FP8 cache; FP8_VIA_FP32: e4m3 -> fp32 -> q's dtype (the interpreter's only way);
+    FP8_DIRECT: e4m3 -> q's dtype in one conversion."""
+    if not is_fp8(k_cache):
+        return 0
+    return FP8_DIRECT if FP8_CONVERT_DIRECT and os.environ.get("TRITON_INTERPRET") != "1" else FP8_VIA_FP32
+
+
 def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, mode, config,
             knobs):
     num_tokens, num_q_heads, head_dim = q.shape
@@ -355,7 +372,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
-        UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=fp8,
+        UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache),
         num_warps=warps, num_stages=stages)
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](

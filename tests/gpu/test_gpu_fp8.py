@@ -75,6 +75,17 @@ def attention_pair(seq_lens, q_lens, num_kv_heads=8, group=4, head_dim=128, bloc
 FP8_ATTENTION_REL_ERR = 0.06
 
 
+@pytest.mark.parametrize("batch, ctx, q_len", [(64, 1024, 1), (4, 700, 37)])
+def test_fp8_tile_conversions_give_the_same_bits(monkeypatch, batch, ctx, q_len):
+    """e4m3 -> bf16 directly and through fp32 are both exact: the kernel's outputs are equal bit for bit."""
+    import kernels.paged_attention as pa
+    outs = []
+    for direct in (False, True):
+        monkeypatch.setattr(pa, "FP8_CONVERT_DIRECT", direct)
+        outs.append(attention_pair([ctx - 3 * i for i in range(batch)], [q_len] * batch)[1])
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("batch, ctx", [(1, 4096), (64, 1024), (256, 512)])
 def test_fp8_kv_decode_near_bf16_kv(batch, ctx):
     bf16, fp8 = attention_pair([ctx - (7 * i) % (ctx // 2) for i in range(batch)], [1] * batch)
