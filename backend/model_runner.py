@@ -50,7 +50,7 @@ class ModelRunner:
         a, dev, bs = self.model.args, self.device, self.block_size
         max_q = min(self.config.max_num_batched_tokens, self.max_model_len, self.num_blocks * bs)
         configs = launch_configs(a.num_heads // a.num_kv_heads, a.head_dim, a.num_kv_heads, self.config.max_num_seqs,
-                                 max_q, dev)
+                                 max_q, dev, kv_fp8=self.kv_dtype == torch.float8_e4m3fn)
         for q_len, num_seqs in configs.values():   # num_seqs sequences of q_len tokens, reading block 0 on
             n = q_len * num_seqs
             i32 = dict(dtype=torch.int32, device=dev)

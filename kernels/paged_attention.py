@@ -267,7 +267,7 @@ def _num_sms(device: torch.device) -> int:
     return 8   # the interpreter (tests): small, so that auto-picked splits stay cheap there
 
 
-def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device):
+def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_fp8=False):
     """(BLOCK_M, TILE_N, num_warps, num_stages, num_segments) for a batch; python ints only."""
     rows = max_query_len * group
     min_m = next_pow2(group)
@@ -283,17 +283,22 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device):
         sms = _num_sms(device)
         if programs < 2 * sms:   # too few programs to keep the SMs' loads in flight: split the context
             segments = min(16, next_pow2(-(-2 * sms // programs)))
+        if kv_fp8 and head_dim <= 128:
+            # An FP8 tile is half the bytes: twice the keys per tile, and a deeper pipeline where the split
+            # leaves few tiles per program (bench/fp8_attention.py, H100: 256 x 640 195 -> 151 us, 1 x 4k
+            # 14.5 -> 13.2 us; converting e4m3 to bf16 directly was slower than through fp32).
+            tile_n, stages = 128, 4 if segments > 1 else 3
     return block_m, tile_n, warps, stages, segments
 
 
-def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, device):
+def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, device, kv_fp8=False):
     """Every config _config can pick for batches up to these sizes, each with the smallest batch that gets
     it: {config: (max_query_len, num_seqs)}. Start-up compiles each (no compile after ready)."""
     found = {}
     for n in range(1, max_num_seqs + 1):    # decodes: the split-KV segment count follows the batch size
-        found.setdefault(_config(1, group, head_dim, n, num_kv_heads, device), (1, n))
+        found.setdefault(_config(1, group, head_dim, n, num_kv_heads, device, kv_fp8), (1, n))
     for q in range(2, max_query_len + 1):   # prefill chunks: the tile band follows the longest query
-        found.setdefault(_config(q, group, head_dim, 1, num_kv_heads, device), (q, 1))
+        found.setdefault(_config(q, group, head_dim, 1, num_kv_heads, device, kv_fp8), (q, 1))
     return found
 
 
@@ -320,15 +325,16 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     if max_query_len is None:   # no host sync: a guess that only steers the tile shapes
         max_query_len = 1 if num_tokens == num_seqs else num_tokens
     args = (out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
+    fp8 = is_fp8(k_cache)
     knobs = (block_m, tile_n, num_warps, num_stages, num_segments)
     if not split_decodes:
-        _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device), knobs)
+        _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device, fp8), knobs)
         return out
     # The decode launch runs unsplit: the decode count is unknown at capture (a one-launch mixed batch is
     # unsplit too), and with many decodes, where graphs pay off, _config would not split either.
-    decode = _config(1, group, head_dim, num_seqs, num_kv_heads, q.device)[:4] + (1,)
+    decode = _config(1, group, head_dim, num_seqs, num_kv_heads, q.device, fp8)[:4] + (1,)
     _launch(*args, MODE_DECODE, decode, knobs[:4] + (None,))
-    _launch(*args, MODE_PREFILL, _config(max(2, max_query_len), group, head_dim, num_seqs, num_kv_heads, q.device),
+    _launch(*args, MODE_PREFILL, _config(max(2, max_query_len), group, head_dim, num_seqs, num_kv_heads, q.device, fp8),
             knobs)
     return out
 

@@ -7,6 +7,8 @@
     which runs compiled here too);
   * the engine (CUDA graphs) with both options against the bf16 engine: next-token KL and greedy agreement.
 Skipped where there is no GPU (CI); run through the device tool."""
+import importlib
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ FP8_ATTENTION_REL_ERR = 0.06
 @pytest.mark.parametrize("batch, ctx, q_len", [(64, 1024, 1), (4, 700, 37)])
 def test_fp8_tile_conversions_give_the_same_bits(monkeypatch, batch, ctx, q_len):
     """e4m3 -> bf16 directly and through fp32 are both exact: the kernel's outputs are equal bit for bit."""
-    import kernels.paged_attention as pa
+    pa = importlib.import_module("kernels.paged_attention")   # kernels exports a function of that name
     outs = []
     for direct in (False, True):
         monkeypatch.setattr(pa, "FP8_CONVERT_DIRECT", direct)

@@ -113,13 +113,17 @@ def test_split_decodes_through_dispatch():
     assert_close(kernels.paged_attention(*args, 64, split_decodes=True), ref_attention(b))
 
 
-def test_launch_configs_cover_every_pick():
+@pytest.mark.parametrize("kv_fp8", [False, True])
+def test_launch_configs_cover_every_pick(kv_fp8):
     from kernels.paged_attention import _config, launch_configs
-    found = launch_configs(4, 128, 8, 256, 8192, DEVICE)
-    picks = {_config(q, 4, 128, n, 8, DEVICE) for q in (1, 2, 3, 4, 5, 64, 65, 1000, 8192) for n in (1, 7, 256)}
+    found = launch_configs(4, 128, 8, 256, 8192, DEVICE, kv_fp8)
+    picks = {_config(q, 4, 128, n, 8, DEVICE, kv_fp8) for q in (1, 2, 3, 4, 5, 64, 65, 1000, 8192)
+             for n in (1, 7, 256)}
     assert picks <= set(found) and len(found) == len(set(found))
     for config, (q, n) in found.items():
-        assert _config(q, 4, 128, n, 8, DEVICE) == config
+        assert _config(q, 4, 128, n, 8, DEVICE, kv_fp8) == config
+    decode_tiles = {_config(1, 4, 128, n, 8, DEVICE, kv_fp8)[1] for n in (1, 7, 256)}
+    assert decode_tiles == ({128} if kv_fp8 else {64})   # an FP8 tile holds twice the keys in the same bytes
 
 
 def test_uses_the_kernel_in_triton_mode(monkeypatch):
