@@ -39,6 +39,10 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # M = 64 on. M is a shape, so the choice is fixed per captured CUDA graph.
 TRITON_W8A16_MAX_M = 32
 
+# cuBLASLt's FP8 fast accumulation (the tensor cores' partial sums are not promoted to fp32 every few
+# K steps): off until bench/fp8_gemm.py shows it pays at our shapes.
+SCALED_MM_FAST_ACCUM = False
+
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [M, K] to FP8 with its own scale: (x_fp8 [M, K], scale [M, 1] fp32), x ~ x_fp8 * scale.
@@ -53,7 +57,9 @@ def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
         # cuBLAS's FP8 GEMM wants K and N in multiples of 16 (served models' are): same math, dequantized.
         return ((x_fp8.float() * x_scale) @ (weight.float() * weight_scale.view(-1, 1)).t()).to(out_dtype)
     mm_dtype = out_dtype if x_fp8.device.type == "cpu" else torch.bfloat16
-    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=mm_dtype)
+    fast = {"use_fast_accum": True} if SCALED_MM_FAST_ACCUM and x_fp8.is_cuda else {}
+    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=mm_dtype,
+                         **fast)
     return y.to(out_dtype)
 
 

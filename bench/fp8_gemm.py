@@ -120,6 +120,14 @@ def bench_one(m: int, k: int, n: int, sweep: bool) -> dict:
         t_mm = time_ms([lambda f=f: torch._scaled_mm(x_fp8, f.weight.t(), scale_a=x_scale,
                                                      scale_b=f.weight_scale.view(1, -1), out_dtype=torch.bfloat16)
                         for f in fp8s], iters, graph)
+        try:   # cuBLASLt's fast accumulation (no periodic promotion to fp32 inside the tensor-core sums)
+            t_fast = time_ms([lambda f=f: torch._scaled_mm(x_fp8, f.weight.t(), scale_a=x_scale,
+                                                           scale_b=f.weight_scale.view(1, -1),
+                                                           out_dtype=torch.bfloat16, use_fast_accum=True)
+                              for f in fp8s], iters, graph)
+        except RuntimeError as e:
+            print(f"# use_fast_accum: {e}", file=sys.stderr)
+            t_fast = float("nan")
         t_layer = time_ms([lambda f=f: f(x) for f in fp8s], iters, graph)
         check_w8a16(x, fp8s[0])
         t_w8a16 = time_ms([lambda f=f: fp8_weight_gemm_triton(x, f.weight, f.weight_scale) for f in fp8s],
@@ -127,7 +135,8 @@ def bench_one(m: int, k: int, n: int, sweep: bool) -> dict:
         best = sweep_w8a16(x, fp8s, iters, graph) if sweep and m <= 64 else None
     flops = 2 * m * k * n
     weight_bytes = n * k + 4 * n   # e4m3 weight + fp32 per-channel scales
-    return dict(bf16=t_bf16, scaled_mm=t_mm, fp8_linear=t_layer, w8a16=t_w8a16, tflops_bf16=flops / t_bf16 / 1e9,
+    return dict(bf16=t_bf16, scaled_mm=t_mm, fast_accum=t_fast, fp8_linear=t_layer, w8a16=t_w8a16,
+                tflops_bf16=flops / t_bf16 / 1e9,
                 tflops_fp8=flops / t_mm / 1e9, tbps_layer=weight_bytes / t_layer / 1e9,
                 tbps_w8a16=weight_bytes / t_w8a16 / 1e9, best=best)
 
@@ -153,15 +162,17 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("needs CUDA (FP8 tensor cores: H100 or newer)")
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print("| model | proj | M | K | N | bf16 mm (us) | _scaled_mm (us) | Fp8Linear (us) | W8A16 (us) | bf16 TFLOP/s "
+    print("| model | proj | M | K | N | bf16 mm (us) | _scaled_mm (us) | fast accum (us) | Fp8Linear (us) "
+          "| W8A16 (us) | bf16 TFLOP/s "
           "| fp8 TFLOP/s | speed-up mm | speed-up layer | speed-up W8A16 | layer w TB/s | W8A16 w TB/s "
           "| W8A16 best swept (us) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in a.models:
         for name, k, n in projections(model):
             for m in a.m:
                 r = bench_one(m, k, n, a.sweep)
                 print(f"| {model} | {name} | {m} | {k} | {n} | {r['bf16'] * 1e3:.1f} | {r['scaled_mm'] * 1e3:.1f} "
+                      f"| {r['fast_accum'] * 1e3:.1f} "
                       f"| {r['fp8_linear'] * 1e3:.1f} | {r['w8a16'] * 1e3:.1f} | {r['tflops_bf16']:.0f} "
                       f"| {r['tflops_fp8']:.0f} | {r['bf16'] / r['scaled_mm']:.2f}x "
                       f"| {r['bf16'] / r['fp8_linear']:.2f}x | {r['bf16'] / r['w8a16']:.2f}x "

@@ -24,11 +24,13 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),
           (1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024)]
 
 
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["fp32-accum", "fast-accum"])
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
 @pytest.mark.parametrize("k, n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
-def test_fp8_linear_equals_dequantized_reference(m, k, n):
+def test_fp8_linear_equals_dequantized_reference(monkeypatch, m, k, n, fast_accum):
     """M <= TRITON_W8A16_MAX_M: the W8A16 kernel (x as it is); above: x quantized per token + _scaled_mm."""
     import backend.quantization as quantization
+    monkeypatch.setattr(quantization, "SCALED_MM_FAST_ACCUM", fast_accum)
     g = torch.Generator(device="cuda").manual_seed(m + k + n)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
