@@ -23,6 +23,8 @@ weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say. 
 differently (W8A16 leaves x unquantized), so a token computed in a batch of <= 32 rows may differ in
 the last bits from the same token in a larger batch, as with any M-dependent GEMM choice.
 """
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -65,6 +67,16 @@ def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
     return y.to(out_dtype)
 
 
+class Fp8Activation(NamedTuple):
+    """An FP8 projection's input already quantized per token (by the RMSNorm before it, in one launch)."""
+    data: torch.Tensor    # [M, K] float8 e4m3
+    scale: torch.Tensor   # [M, 1] fp32
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+
 class Fp8Linear(nn.Module):
     """y = x @ (weight * weight_scale[:, None]).T + bias, with x quantized per token."""
 
@@ -100,7 +112,15 @@ class Fp8Linear(nn.Module):
             fused.bias = nn.Parameter(torch.cat([l.bias for l in linears]), requires_grad=False)
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantizes_input(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) would quantize x per token (the W8A8 path): the op before may do it instead
+        and hand over an Fp8Activation."""
+        return x.numel() // x.shape[-1] > TRITON_W8A16_MAX_M and kernels.use_triton(x)
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):
+            y = scaled_mm(x.data, x.scale, self.weight, self.weight_scale, self.out_dtype)
+            return y + self.bias if self.bias is not None else y
         rows = x.reshape(-1, x.shape[-1])
         if not rows.shape[0]:
             return x.new_empty(*x.shape[:-1], self.out_features)

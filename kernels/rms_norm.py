@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, num_warps_for, use_triton
+from kernels.fp8 import FP8_DTYPE, _to_fp8
+from kernels.quant_fp8 import per_token_quant_fp8_ref
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -35,6 +37,29 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
     tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
+def _rms_norm_quant_fp8_kernel(x_ptr, res_ptr, w_ptr, y_ptr, scale_ptr, res_out_ptr, n_cols, x_stride, res_stride,
+                               eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.quant_fp8): the normed
+    row is rounded to x's dtype first, so the bits equal rms_norm followed by per_token_quant_fp8."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        xr = (x + r).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * n_cols + cols, xr, mask=mask)
+        x = xr.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
+    scale = tl.math.div_rn(amax, 448.0)
+    tl.store(scale_ptr + row, scale)
+    tl.store(y_ptr + row * n_cols + cols, _to_fp8(y, scale), mask=mask)
+
+
 def _rows(t, n):
     t2 = t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
@@ -55,7 +80,38 @@ def rms_norm_triton(x, weight, eps, residual=None):
     return y if residual is None else (y, res_out)
 
 
+def rms_norm_quant_fp8_triton(x, weight, eps, residual=None):
+    """x [.., n] -> ((y_fp8 [rows, n], scale [rows, 1] fp32), residual_out | None): one launch for what
+    rms_norm + per_token_quant_fp8 do in two (an FP8 projection's input)."""
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    r2 = _rows(residual, n) if residual is not None else x2
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    if rows:
+        block = next_pow2(n)
+        _rms_norm_quant_fp8_kernel[(rows,)](x2, r2, w, y, scale, res_out if res_out is not None else x2, n,
+                                            x2.stride(0), r2.stride(0), float(eps), HAS_RESIDUAL=residual is not None,
+                                            BLOCK=block, num_warps=num_warps_for(block))
+    return (y, scale), res_out
+
+
 def rms_norm(x, weight, eps, residual=None):
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
+
+
+def rms_norm_quant_fp8_ref(x, weight, eps, residual=None):
+    out = rms_norm_ref(x, weight, eps, residual)
+    y, residual_out = out if residual is not None else (out, None)
+    return per_token_quant_fp8_ref(y.reshape(-1, x.shape[-1])), residual_out
+
+
+def rms_norm_quant_fp8(x, weight, eps, residual=None):
+    if use_triton(x):
+        return rms_norm_quant_fp8_triton(x, weight, eps, residual)
+    return rms_norm_quant_fp8_ref(x, weight, eps, residual)

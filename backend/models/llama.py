@@ -13,7 +13,7 @@ from torch import nn
 import kernels
 from backend import parallel
 from backend.attention import AttentionMetadata
-from backend.quantization import Fp8Linear
+from backend.quantization import Fp8Activation, Fp8Linear
 
 
 @dataclass
@@ -109,7 +109,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, quantize_for=None):
+        """quantize_for: the projection that reads the output; an Fp8Linear that would quantize it per
+        token gets it quantized here instead, in the norm's own launch (an Fp8Activation)."""
+        if isinstance(quantize_for, Fp8Linear) and quantize_for.quantizes_input(x):
+            (y, scale), residual_out = kernels.rms_norm_quant_fp8(x, self.weight, self.eps, residual)
+            return Fp8Activation(y, scale) if residual is None else (Fp8Activation(y, scale), residual_out)
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -182,12 +187,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, positions, x, residual, kv_cache, meta, cos_sin_cache):
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, quantize_for=qkv)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quantize_for=qkv)
         x = self.self_attn(positions, x, kv_cache, meta, cos_sin_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, quantize_for=gate_up)
         return self.mlp(x), residual
 
 

@@ -34,3 +34,47 @@ def test_strided_rows():
     y, scale = kernels.per_token_quant_fp8(x)
     y_ref, scale_ref = per_token_quant_fp8_ref(x)
     assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
+    """The fused launch gives the bits of rms_norm then per_token_quant_fp8 (both kernels), and the residual sum."""
+    from kernels.rms_norm import rms_norm_quant_fp8_triton, rms_norm_triton
+    from kernels.quant_fp8 import per_token_quant_fp8_triton
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    m, k = (40, 4096) if ON_GPU else (9, 320)
+    x = (torch.randn(m, 2 * k, generator=g, device=DEVICE) * 3)[:, :k].to(dtype)   # strided rows
+    x[2] = 0                                                                       # a padding row
+    weight = torch.rand(k, generator=g, device=DEVICE).to(dtype) + 0.5
+    residual = torch.randn(m, k, generator=g, device=DEVICE).to(dtype) if with_residual else None
+    (y, scale), res_out = rms_norm_quant_fp8_triton(x, weight, 1e-6, residual)
+    normed = rms_norm_triton(x, weight, 1e-6, residual)
+    normed, want_res = normed if with_residual else (normed, None)
+    y_ref, scale_ref = per_token_quant_fp8_triton(normed)
+    assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+    assert (res_out is None) == (not with_residual)
+    if with_residual:
+        assert torch.equal(res_out, want_res)
+
+
+def test_fp8_model_with_the_fused_norm_gives_the_same_logits(tiny_checkpoints, monkeypatch):
+    """A W8A8 model whose RMSNorms quantize for the next projection gives the logits of one whose projections
+    quantize their own input, bit for bit (fp32 model: no dtype rounding hides a difference)."""
+    import backend.quantization as quantization
+    from backend.model_runner import ModelRunner
+    from tests.helpers import engine_config, prefill_then_decode_logits
+    monkeypatch.setattr(quantization, "TRITON_W8A16_MAX_M", 0)     # every batch through the W8A8 path
+    runner = ModelRunner(engine_config(tiny_checkpoints["llama"], num_gpu_blocks_override=16, max_num_seqs=4,
+                                       max_num_batched_tokens=64, device=DEVICE.type, dtype="float32",
+                                       enforce_eager="true", quantization="fp8"))
+    fused_calls = []
+    fused = kernels.rms_norm_quant_fp8
+    monkeypatch.setattr(kernels, "rms_norm_quant_fp8", lambda *a: fused_calls.append(1) or fused(*a))
+    with torch.inference_mode():
+        with_fusion = prefill_then_decode_logits(runner)
+        assert fused_calls   # the fused launch ran
+        monkeypatch.setattr(quantization.Fp8Linear, "quantizes_input", lambda self, x: False)
+        without = prefill_then_decode_logits(runner)
+    for a, b in zip(with_fusion, without):
+        assert torch.equal(a, b)
