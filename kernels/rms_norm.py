@@ -41,7 +41,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
 def _rms_norm_quant_fp8_kernel(x_ptr, res_ptr, w_ptr, y_ptr, scale_ptr, res_out_ptr, n_cols, x_stride, res_stride,
                                eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.quant_fp8): the normed
-    row is rounded to x's dtype first, so the bits equal rms_norm followed by per_token_quant_fp8."""
+    row is rounded to x's dtype first, as rms_norm followed by per_token_quant_fp8 round it (the same
+    math; compiled, the row sum's order may differ between the two kernels by an ulp of rstd)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -39,7 +39,10 @@ def test_strided_rows():
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no_residual", "residual"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
-    """The fused launch gives the bits of rms_norm then per_token_quant_fp8 (both kernels), and the residual sum."""
+    """The fused launch gives what rms_norm then per_token_quant_fp8 give (both kernels), and the residual sum.
+    Compiled, the two kernels may sum a row's squares in another order (the layout follows each kernel's
+    other ops): rstd may differ in its last bit, so on the GPU a scale may differ by an ulp and a value
+    next to an e4m3 rounding boundary by one step (H100, fp32 rows of 4096); interpreted, the bits agree."""
     from kernels.rms_norm import rms_norm_quant_fp8_triton, rms_norm_triton
     from kernels.quant_fp8 import per_token_quant_fp8_triton
     g = torch.Generator(device=DEVICE).manual_seed(7)
@@ -52,7 +55,13 @@ def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
     normed = rms_norm_triton(x, weight, 1e-6, residual)
     normed, want_res = normed if with_residual else (normed, None)
     y_ref, scale_ref = per_token_quant_fp8_triton(normed)
-    assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+    if ON_GPU:
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+        codes, ref_codes = y.view(torch.uint8).int(), y_ref.view(torch.uint8).int()
+        differ = codes != ref_codes
+        assert differ.float().mean() < 0.01 and ((codes - ref_codes).abs()[differ] == 1).all()
+    else:
+        assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
     assert (res_out is None) == (not with_residual)
     if with_residual:
         assert torch.equal(res_out, want_res)
@@ -60,7 +69,9 @@ def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
 
 def test_fp8_model_with_the_fused_norm_gives_the_same_logits(tiny_checkpoints, monkeypatch):
     """A W8A8 model whose RMSNorms quantize for the next projection gives the logits of one whose projections
-    quantize their own input, bit for bit (fp32 model: no dtype rounding hides a difference)."""
+    quantize their own input (fp32 model: no dtype rounding hides a difference). Bit for bit here (the
+    interpreter, and the H100 at this model's width); see the test above for why compiled wide rows
+    may differ in an ulp."""
     import backend.quantization as quantization
     from backend.model_runner import ModelRunner
     from tests.helpers import engine_config, prefill_then_decode_logits
