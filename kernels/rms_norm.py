@@ -20,10 +20,9 @@ def rms_norm_ref(x, weight, eps, residual=None):
 
 
 @lazy_jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride, res_stride, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row; fp32 inside. Outputs are contiguous [rows, n_cols]."""
-    row = tl.program_id(0).to(tl.int64)
+def _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps,
+                HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Row `row` of x (+ residual, whose rounded sum is stored to res_out) / rms * weight, fp32 [BLOCK]."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -34,7 +33,17 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
         x = xr.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    return x * rstd * w
+
+
+@lazy_jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride, res_stride, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row; fp32 inside. Outputs are contiguous [rows, n_cols]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 @lazy_jit
@@ -45,20 +54,12 @@ def _rms_norm_quant_fp8_kernel(x_ptr, res_ptr, w_ptr, y_ptr, scale_ptr, res_out_
     math; compiled, the row sum's order may differ between the two kernels by an ulp of rstd)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        xr = (x + r).to(res_out_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * n_cols + cols, xr, mask=mask)
-        x = xr.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * rstd * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
     scale = tl.math.div_rn(amax, 448.0)
     tl.store(scale_ptr + row, scale)
-    tl.store(y_ptr + row * n_cols + cols, _to_fp8(y, scale), mask=mask)
+    tl.store(y_ptr + row * n_cols + cols, _to_fp8(y, scale), mask=cols < n_cols)
 
 
 def _rows(t, n):
