@@ -3,7 +3,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import cdiv, lazy_jit, next_pow2, use_triton
+from kernels.dispatch import cdiv, lazy_jit, next_pow2, num_warps_for, use_triton
+from kernels.fp8 import FP8_DTYPE, _to_fp8
+from kernels.quant_fp8 import per_token_quant_fp8_ref
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -44,3 +46,42 @@ def silu_and_mul(x):
     if use_triton(x):
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+@lazy_jit
+def _silu_and_mul_quant_fp8_kernel(x_ptr, y_ptr, scale_ptr, d, x_stride, BLOCK: tl.constexpr):
+    """One program per row, the whole row in registers: silu(gate) * up as _silu_and_mul_kernel computes
+    it, rounded to x's dtype, then quantized to FP8 with the row's own scale (kernels.quant_fp8)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
+    scale = tl.math.div_rn(amax, 448.0)
+    tl.store(scale_ptr + row, scale)
+    tl.store(y_ptr + row * d + cols, _to_fp8(y, scale), mask=mask)
+
+
+def silu_and_mul_quant_fp8_triton(x):
+    """x [.., 2d] -> (y_fp8 [rows, d], scale [rows, 1] fp32): silu_and_mul and per_token_quant_fp8 in one
+    launch (the input of an FP8 down projection)."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, d, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows and d:
+        block = next_pow2(d)
+        _silu_and_mul_quant_fp8_kernel[(rows,)](x2, y, scale, d, x2.stride(0), BLOCK=block,
+                                                num_warps=num_warps_for(block))
+    return y, scale
+
+
+def silu_and_mul_quant_fp8(x):
+    if use_triton(x):
+        return silu_and_mul_quant_fp8_triton(x)
+    return per_token_quant_fp8_ref(silu_and_mul_ref(x).reshape(-1, x.shape[-1] // 2))

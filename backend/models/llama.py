@@ -175,7 +175,12 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return parallel.all_reduce(self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x))))
+        h = self.gate_up_proj(x)
+        if isinstance(self.down_proj, Fp8Linear) and self.down_proj.quantizes_input(h):
+            h = Fp8Activation(*kernels.silu_and_mul_quant_fp8(h))   # activation and quantization, one launch
+        else:
+            h = kernels.silu_and_mul(h)
+        return parallel.all_reduce(self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):

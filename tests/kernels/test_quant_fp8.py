@@ -25,7 +25,8 @@ def test_per_token_quant_equals_reference_bits(dtype, shape):
     assert torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
     amax = x.float().abs().amax(dim=1, keepdim=True)
     nonzero = amax[:, 0] > 0
-    assert torch.equal(scale[nonzero], amax[nonzero] / torch.full_like(amax[nonzero], 448))   # each row's largest value maps to ±448
+    # each row's largest value maps to ±448
+    assert torch.equal(scale[nonzero], amax[nonzero] / torch.full_like(amax[nonzero], 448))
     assert (y.float().abs().amax(dim=1)[nonzero] == 448).all()
 
 
@@ -34,6 +35,30 @@ def test_strided_rows():
     y, scale = kernels.per_token_quant_fp8(x)
     y_ref, scale_ref = per_token_quant_fp8_ref(x)
     assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+
+
+def assert_same_quantization(y, scale, y_ref, scale_ref):
+    """Bits equal under the interpreter; compiled, within an ulp of the scale and one e4m3 step (see below)."""
+    if ON_GPU:
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+        codes, ref_codes = y.view(torch.uint8).int(), y_ref.view(torch.uint8).int()
+        differ = codes != ref_codes
+        assert differ.float().mean() < 0.01 and ((codes - ref_codes).abs()[differ] == 1).all()
+    else:
+        assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_and_mul_quant_equals_activation_then_quant(dtype):
+    from kernels.activation import silu_and_mul_quant_fp8_triton, silu_and_mul_triton
+    from kernels.quant_fp8 import per_token_quant_fp8_triton
+    g = torch.Generator(device=DEVICE).manual_seed(8)
+    m, d = (40, 14336) if ON_GPU else (7, 300)
+    x = (torch.randn(m, 2 * d + 64, generator=g, device=DEVICE) * 4)[:, :2 * d].to(dtype)   # strided rows
+    x[3] = 0                                                                                # a padding row
+    y, scale = silu_and_mul_quant_fp8_triton(x)
+    assert y.shape == (m, d) and y.dtype == torch.float8_e4m3fn and scale.shape == (m, 1)
+    assert_same_quantization(y, scale, *per_token_quant_fp8_triton(silu_and_mul_triton(x)))
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no_residual", "residual"])
@@ -54,21 +79,14 @@ def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
     (y, scale), res_out = rms_norm_quant_fp8_triton(x, weight, 1e-6, residual)
     normed = rms_norm_triton(x, weight, 1e-6, residual)
     normed, want_res = normed if with_residual else (normed, None)
-    y_ref, scale_ref = per_token_quant_fp8_triton(normed)
-    if ON_GPU:
-        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
-        codes, ref_codes = y.view(torch.uint8).int(), y_ref.view(torch.uint8).int()
-        differ = codes != ref_codes
-        assert differ.float().mean() < 0.01 and ((codes - ref_codes).abs()[differ] == 1).all()
-    else:
-        assert torch.equal(scale, scale_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+    assert_same_quantization(y, scale, *per_token_quant_fp8_triton(normed))
     assert (res_out is None) == (not with_residual)
     if with_residual:
         assert torch.equal(res_out, want_res)
 
 
 def test_fp8_model_with_the_fused_norm_gives_the_same_logits(tiny_checkpoints, monkeypatch):
-    """A W8A8 model whose RMSNorms quantize for the next projection gives the logits of one whose projections
+    """A W8A8 model whose RMSNorms and SiLU quantize for the next projection gives the logits of one whose projections
     quantize their own input (fp32 model: no dtype rounding hides a difference). Bit for bit here (the
     interpreter, and the H100 at this model's width); see the test above for why compiled wide rows
     may differ in an ulp."""
@@ -80,11 +98,11 @@ def test_fp8_model_with_the_fused_norm_gives_the_same_logits(tiny_checkpoints, m
                                        max_num_batched_tokens=64, device=DEVICE.type, dtype="float32",
                                        enforce_eager="true", quantization="fp8"))
     fused_calls = []
-    fused = kernels.rms_norm_quant_fp8
-    monkeypatch.setattr(kernels, "rms_norm_quant_fp8", lambda *a: fused_calls.append(1) or fused(*a))
+    for name in ("rms_norm_quant_fp8", "silu_and_mul_quant_fp8"):
+        monkeypatch.setattr(kernels, name, lambda *a, f=getattr(kernels, name), n=name: fused_calls.append(n) or f(*a))
     with torch.inference_mode():
         with_fusion = prefill_then_decode_logits(runner)
-        assert fused_calls   # the fused launch ran
+        assert set(fused_calls) == {"rms_norm_quant_fp8", "silu_and_mul_quant_fp8"}   # the fused launches ran
         monkeypatch.setattr(quantization.Fp8Linear, "quantizes_input", lambda self, x: False)
         without = prefill_then_decode_logits(runner)
     for a, b in zip(with_fusion, without):
