@@ -158,7 +158,13 @@ class CoreProcessClient:
 
 def core_main(config: EngineConfig, eos_token_ids: set[int], commands, outputs):
     """The child: build the core, then step while there is work and take commands between steps."""
+    import multiprocessing
+
     from backend.core import EngineCore
+    # The front starts this process as a daemon (it must not outlive the front), and multiprocessing
+    # refuses children to a daemon; tensor-parallel ranks are this process's (daemon) children, so the
+    # flag is lifted here, in the child, where only that check reads it.
+    multiprocessing.current_process().daemon = False
     try:
         core = EngineCore(config, eos_token_ids)
     except Exception as e:  # noqa: BLE001 - the front raises it where the engine is built

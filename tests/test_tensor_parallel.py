@@ -25,6 +25,20 @@ def test_tp2_equals_tp1(tiny_checkpoints, arch):
     assert engine.core.workers is None
 
 
+def test_tp2_inside_a_core_process_equals_tp1(tiny_checkpoints):
+    """The served default on CUDA (engine_core_process auto) with tensor parallelism: the core's process
+    runs rank 0 and starts the other rank's worker itself."""
+    path = tiny_checkpoints["qwen2"]
+    prompts = prompt_set(4, seed=32)
+    ref = [o.token_ids for o in make_engine(path).generate(prompts, greedy(8))]
+    engine = make_engine(path, tensor_parallel_size=2, engine_core_process="true", num_gpu_blocks_override=64,
+                         block_size=8)
+    try:
+        assert [o.token_ids for o in engine.generate(prompts, greedy(8))] == ref
+    finally:
+        engine.shutdown()
+
+
 def test_tp_size_must_divide_the_model(tiny_checkpoints):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         make_engine(tiny_checkpoints["llama"], tensor_parallel_size=3)
