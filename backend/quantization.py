@@ -112,26 +112,32 @@ class Fp8Linear(nn.Module):
             fused.bias = nn.Parameter(torch.cat([l.bias for l in linears]), requires_grad=False)
         return fused
 
+    @staticmethod
+    def _takes_w8a16(num_rows: int) -> bool:
+        """Small batches on the Triton path: the W8A16 kernel, x as it is (see the module's docstring)."""
+        return num_rows <= TRITON_W8A16_MAX_M
+
     def quantizes_input(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) would quantize x per token (the W8A8 path): the op before may do it instead
-        and hand over an Fp8Activation."""
-        return x.numel() // x.shape[-1] > TRITON_W8A16_MAX_M and kernels.use_triton(x)
+        """Whether forward(x) would quantize x per token on the Triton path (W8A8): the op before may do
+        it in its own launch instead and hand over an Fp8Activation."""
+        return kernels.use_triton(x) and not self._takes_w8a16(x.numel() // x.shape[-1])
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
-        if isinstance(x, Fp8Activation):
-            y = scaled_mm(x.data, x.scale, self.weight, self.weight_scale, self.out_dtype)
-            return y + self.bias if self.bias is not None else y
-        rows = x.reshape(-1, x.shape[-1])
-        if not rows.shape[0]:
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        if rows.shape[0] <= TRITON_W8A16_MAX_M and kernels.use_triton(rows):
-            y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        x_fp8, x_scale = quantize_rows(rows)
+        if isinstance(x, Fp8Activation):   # quantized by the op before
+            x_fp8, x_scale, lead = x.data, x.scale, x.shape[:-1]
+        else:
+            lead = x.shape[:-1]
+            rows = x.reshape(-1, x.shape[-1])
+            if not rows.shape[0]:
+                return x.new_empty(*lead, self.out_features)
+            if kernels.use_triton(rows) and self._takes_w8a16(rows.shape[0]):
+                y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
+                return y.reshape(*lead, self.out_features)
+            x_fp8, x_scale = quantize_rows(rows)
         y = scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.out_dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

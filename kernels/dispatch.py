@@ -69,6 +69,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grid heuristics; 8 elsewhere (the interpreter: small,
+    so tests see the wide tiles and the split-KV paths the heuristics pick on a GPU, and stay cheap)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def num_warps_for(block: int) -> int:
     """Warps for a one-row-per-program elementwise/reduction kernel of `block` elements."""
     return 4 if block <= 1024 else 8 if block <= 4096 else 16

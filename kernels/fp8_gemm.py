@@ -13,12 +13,11 @@ No host syncs and no data-dependent host branches (the config follows shapes onl
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from kernels.dispatch import cdiv, lazy_jit, use_triton
+from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -58,17 +57,10 @@ def _fp8_weight_gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, m, n, k,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8   # the interpreter (tests): small, so the tests see the wide tiles as well as the narrow ones
-
-
 def gemm_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the shapes only (python ints)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64     # tl.dot needs >= 16 rows; padding rows cost no bytes
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if m <= 16:
         # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16): a wide output
         # (gate_up, 28672) streams best in short K steps; the others in long ones (512) over the widest
@@ -80,7 +72,7 @@ def gemm_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, in
     m_tiles = cdiv(m, block_m)
     block_n = 16
     for wide in (64, 32):   # widest tile that still leaves ~2 programs per SM to keep loads in flight
-        if cdiv(n, wide) * m_tiles >= 2 * _num_sms(device):
+        if cdiv(n, wide) * m_tiles >= 2 * sms:
             block_n = wide
             break
     return block_m, block_n, 256, 4, 4

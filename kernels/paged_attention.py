@@ -26,13 +26,12 @@ device (no host sync, CUDA-graph safe).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import lazy_jit, next_pow2, use_triton
+from kernels.dispatch import lazy_jit, next_pow2, num_sms, use_triton
 from kernels.fp8 import from_fp8_ref, is_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -260,13 +259,6 @@ def _reduce_segments_kernel(out_ptr, seg_out_ptr, seg_max_ptr, seg_sum_ptr, num_
     tl.store(out_ptr + t * o_stride_t + h * o_stride_h + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8   # the interpreter (tests): small, so that auto-picked splits stay cheap there
-
-
 def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_fp8=False):
     """(BLOCK_M, TILE_N, num_warps, num_stages, num_segments) for a batch; python ints only."""
     rows = max_query_len * group
@@ -280,7 +272,7 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_f
     segments = 1
     if max_query_len == 1:
         programs = num_seqs * num_kv_heads
-        sms = _num_sms(device)
+        sms = num_sms(device)
         if programs < 2 * sms:   # too few programs to keep the SMs' loads in flight: split the context
             segments = min(16, next_pow2(-(-2 * sms // programs)))
         if kv_fp8 and head_dim <= 128:
