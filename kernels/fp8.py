@@ -1,15 +1,17 @@
-"""FP8 (e4m3, as torch.float8_e4m3fn and tl.float8e4nv) for the KV cache: value / scale, saturated to
-±448, rounded to nearest even. A torch reference and the Triton helpers the cache-writing kernels share."""
+"""FP8 (e4m3, as torch.float8_e4m3fn and tl.float8e4nv) for the KV cache and activations: value / scale,
+saturated to ±448, rounded to nearest even. A torch reference, the Triton helpers the cache-writing and the
+per-token quantizing kernels share, and the launch of the latter."""
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import lazy_jit
+from kernels.dispatch import lazy_jit, next_pow2, num_warps_for
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+MIN_AMAX = 1e-12   # per-token scales: an all-zero row (padding) gets a tiny scale, not 0 / 0
 
 
 def is_fp8(t: torch.Tensor) -> bool:
@@ -45,3 +47,26 @@ def _to_fp8(x, scale):
     """fp32 x -> tl.float8e4nv of x / scale, bit-equal to to_fp8_ref (IEEE division, as torch's)."""
     scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     return _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
+
+
+@lazy_jit
+def _quantize_row_fp8(x, y_ptr, scale_ptr, row, n_cols, BLOCK: tl.constexpr):
+    """The tail of every per-token quantizing kernel: fp32 row `row` x [BLOCK] (0 past n_cols) to FP8 at
+    y_ptr (contiguous [rows, n_cols]) with its own scale max(amax, MIN_AMAX) / FP8_MAX, stored at
+    scale_ptr + row. Literals, not the globals: a jit function may read only constexpr globals."""
+    cols = tl.arange(0, BLOCK)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+    scale = tl.math.div_rn(amax, 448.0)
+    tl.store(scale_ptr + row, scale)
+    tl.store(y_ptr + row * n_cols + cols, _to_fp8(x, scale), mask=cols < n_cols)
+
+
+def launch_per_token_quant_fp8(kernel, rows, n_cols, device, *args, **constexprs):
+    """(y_fp8 [rows, n_cols], scale [rows, 1] fp32) from a kernel that ends in _quantize_row_fp8, launched
+    as kernel(y, scale, n_cols, *args, BLOCK, **constexprs): one program per row, the whole row in one block."""
+    y = torch.empty(rows, n_cols, dtype=FP8_DTYPE, device=device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=device)
+    if rows:
+        block = next_pow2(n_cols)
+        kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, num_warps=num_warps_for(block), **constexprs)
+    return y, scale

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import lazy_jit, next_pow2, num_warps_for, use_triton
-from kernels.fp8 import FP8_DTYPE, FP8_MAX, _to_fp8
+from kernels.dispatch import lazy_jit, use_triton
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, _quantize_row_fp8, launch_per_token_quant_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
-
-MIN_AMAX = 1e-12   # an all-zero row (padding) gets a tiny scale, not 0 / 0
 
 
 def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,28 +22,19 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @lazy_jit
-def _per_token_quant_kernel(x_ptr, y_ptr, scale_ptr, k, x_stride, BLOCK: tl.constexpr):
+def _per_token_quant_kernel(y_ptr, scale_ptr, k, x_ptr, x_stride, BLOCK: tl.constexpr):
     """One program per row, the whole row in registers (K <= 16k for the models served)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < k
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-    scale = tl.math.div_rn(amax, 448.0)
-    tl.store(scale_ptr + row, scale)
-    tl.store(y_ptr + row * k + cols, _to_fp8(x, scale), mask=mask)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=cols < k, other=0.0).to(tl.float32)
+    _quantize_row_fp8(x, y_ptr, scale_ptr, row, k, BLOCK)
 
 
 def per_token_quant_fp8_triton(x):
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    y = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m:
-        block = next_pow2(k)
-        _per_token_quant_kernel[(m,)](x, y, scale, k, x.stride(0), BLOCK=block, num_warps=num_warps_for(block))
-    return y, scale
+    return launch_per_token_quant_fp8(_per_token_quant_kernel, m, k, x.device, x, x.stride(0))
 
 
 def per_token_quant_fp8(x):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, num_warps_for, use_triton
-from kernels.fp8 import FP8_DTYPE, _to_fp8
+from kernels.fp8 import _quantize_row_fp8, launch_per_token_quant_fp8
 from kernels.quant_fp8 import per_token_quant_fp8_ref
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -47,19 +47,14 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
 
 
 @lazy_jit
-def _rms_norm_quant_fp8_kernel(x_ptr, res_ptr, w_ptr, y_ptr, scale_ptr, res_out_ptr, n_cols, x_stride, res_stride,
+def _rms_norm_quant_fp8_kernel(y_ptr, scale_ptr, n_cols, x_ptr, res_ptr, w_ptr, res_out_ptr, x_stride, res_stride,
                                eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.quant_fp8): the normed
+    """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.fp8): the normed
     row is rounded to x's dtype first, as rms_norm followed by per_token_quant_fp8 round it (the same
     math; compiled, the row sum's order may differ between the two kernels by an ulp of rstd)."""
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
     y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
-    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
-    scale = tl.math.div_rn(amax, 448.0)
-    tl.store(scale_ptr + row, scale)
-    tl.store(y_ptr + row * n_cols + cols, _to_fp8(y, scale), mask=cols < n_cols)
+    _quantize_row_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), y_ptr, scale_ptr, row, n_cols, BLOCK)
 
 
 def _rows(t, n):
@@ -67,14 +62,19 @@ def _rows(t, n):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def rms_norm_triton(x, weight, eps, residual=None):
+def _norm_inputs(x, weight, residual):
+    """(n, x [rows, n], residual [rows, n] (x without one), weight), each with unit stride on the last dim."""
     n = x.shape[-1]
     x2 = _rows(x, n)
+    r2 = _rows(residual, n) if residual is not None else x2
+    return n, x2, r2, weight if weight.is_contiguous() else weight.contiguous()
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    n, x2, r2, w = _norm_inputs(x, weight, residual)
     rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(y) if residual is not None else y
-    r2 = _rows(residual, n) if residual is not None else x2
-    w = weight if weight.is_contiguous() else weight.contiguous()
     if rows:
         block = next_pow2(n)
         _rms_norm_kernel[(rows,)](x2, r2, w, y, res_out, n, x2.stride(0), r2.stride(0), float(eps),
@@ -85,20 +85,12 @@ def rms_norm_triton(x, weight, eps, residual=None):
 def rms_norm_quant_fp8_triton(x, weight, eps, residual=None):
     """x [.., n] -> ((y_fp8 [rows, n], scale [rows, 1] fp32), residual_out | None): one launch for what
     rms_norm + per_token_quant_fp8 do in two (an FP8 projection's input)."""
-    n = x.shape[-1]
-    x2 = _rows(x, n)
-    rows = x2.shape[0]
-    y = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    n, x2, r2, w = _norm_inputs(x, weight, residual)
     res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
-    r2 = _rows(residual, n) if residual is not None else x2
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    if rows:
-        block = next_pow2(n)
-        _rms_norm_quant_fp8_kernel[(rows,)](x2, r2, w, y, scale, res_out if res_out is not None else x2, n,
-                                            x2.stride(0), r2.stride(0), float(eps), HAS_RESIDUAL=residual is not None,
-                                            BLOCK=block, num_warps=num_warps_for(block))
-    return (y, scale), res_out
+    y_scale = launch_per_token_quant_fp8(_rms_norm_quant_fp8_kernel, x2.shape[0], n, x.device, x2, r2, w,
+                                         res_out if res_out is not None else x2, x2.stride(0), r2.stride(0),
+                                         float(eps), HAS_RESIDUAL=residual is not None)
+    return y_scale, res_out
 
 
 def rms_norm(x, weight, eps, residual=None):

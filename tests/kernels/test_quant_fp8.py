@@ -85,6 +85,20 @@ def test_rms_norm_quant_equals_norm_then_quant_bits(dtype, with_residual):
         assert torch.equal(res_out, want_res)
 
 
+def test_quantizing_kernels_on_no_rows():
+    """An empty batch: each of the three returns FP8 values [0, n] and fp32 scales [0, 1], which the shared
+    launch (kernels.fp8.launch_per_token_quant_fp8) allocates while launching nothing."""
+    from kernels.activation import silu_and_mul_quant_fp8_triton
+    from kernels.quant_fp8 import per_token_quant_fp8_triton
+    from kernels.rms_norm import rms_norm_quant_fp8_triton
+    x, gate_up = torch.empty(0, 64, device=DEVICE), torch.empty(0, 128, device=DEVICE)
+    normed, res_out = rms_norm_quant_fp8_triton(x, torch.ones(64, device=DEVICE), 1e-6, x)
+    assert res_out.shape == (0, 64)
+    for y, scale in [normed, per_token_quant_fp8_triton(x), silu_and_mul_quant_fp8_triton(gate_up)]:
+        assert y.shape == (0, 64) and y.dtype == torch.float8_e4m3fn
+        assert scale.shape == (0, 1) and scale.dtype == torch.float32
+
+
 def test_fp8_model_with_the_fused_norm_gives_the_same_logits(tiny_checkpoints, monkeypatch):
     """A W8A8 model whose RMSNorms and SiLU quantize for the next projection gives the logits of one whose projections
     quantize their own input (fp32 model: no dtype rounding hides a difference). Bit for bit here (the
