@@ -19,6 +19,21 @@ The Triton path serves a packed batch that mixes prefill chunks and decodes in o
     whose query is not one token exit), then MODE_PREFILL with prefill-sized tiles over the
     upper-bound grid (one-token queries exit). A single launch would size every tile for the
     longest query, and 128-row tiles on decode rows cost tensor-core time rivalling the KV reads.
+Variants of the tile loop, FlashAttention-2 style, for prefill-sized tiles: constexprs of the kernel, keywords
+of paged_attention_triton (VARIANT_KNOBS); a call that leaves one None gets PREFILL_VARIANT's value on
+prefill-sized tiles and off on decode tiles. All off as shipped (the loop as it was); bench/prefill_attention.py
+times each on an H100 against SDPA, and PREFILL_VARIANT takes the winners.
+  * fma_softmax: scores stay unscaled; the row max is scaled once per row and each score enters exp2 through
+    one FMA (s * scale - max); unmasked tiles drop the guard for rows whose max is -inf (none is there);
+  * k_row_major: K tiles load as [TILE_N, HEAD_DIM], in the cache's order, and enter the dot through tl.trans,
+    instead of a [HEAD_DIM, TILE_N] pointer layout;
+  * dot_acc: the rescaled accumulator is the P @ V dot's addend rather than a separate add;
+  * early_v: V's load is issued before the QK dot, so its latency overlaps the softmax;
+  * hoist_table: a tile's block ids are read once per block (once per tile where one block holds it) and
+    broadcast over the block's rows, not once per row; blocks smaller than TILE_N / 8 keep the per-row read;
+  * prefetch_table: each tile's block ids are read one tile ahead, so its K/V loads wait on no table read;
+  * reverse_tiles: a sequence's query tiles start last-first: the longest causal spans first, so the grid
+    ends on short tiles.
 FP8 caches (kv_cache_dtype fp8): K/V tiles are float8 e4m3, converted to q's dtype (exact: every e4m3
 value is a bf16, fp16 and fp32 value) for the same dots; the per-tensor k_scale folds into the score
 scale and v_scale multiplies the fp32 accumulator, so scales cost nothing per tile and are read on the
@@ -95,56 +110,145 @@ FP8_CONVERT_DIRECT = False
 
 
 @lazy_jit
+def _tile_kv_offsets(table, j, seq_len, head_off, c_stride_b, c_stride_s, BLOCK_SIZE: tl.constexpr,
+                     TILE_N: tl.constexpr, CHECK_END: tl.constexpr, HOIST_TABLE: tl.constexpr):
+    """Cache offsets [TILE_N] (int64) of one kv head's K/V rows at positions j * TILE_N + [0, TILE_N).
+    CHECK_END: the tile may run past the sequence, where the table holds padding (maybe past its end): those
+    entries are not read (block 0 stands in; the K/V loads mask those rows). HOIST_TABLE: where a tile spans
+    whole blocks (or lies in one), read one table entry per block and broadcast it over the block's rows, not
+    one per row (fewer dependent loads ahead of the K/V loads); smaller blocks gather per row."""
+    if HOIST_TABLE and BLOCK_SIZE % TILE_N == 0:   # the tile lies in one block
+        first = j * TILE_N
+        if CHECK_END:
+            block = tl.load(table + first // BLOCK_SIZE, mask=first < seq_len, other=0).to(tl.int64)
+        else:
+            block = tl.load(table + first // BLOCK_SIZE).to(tl.int64)
+        slot = (first % BLOCK_SIZE + tl.arange(0, TILE_N)).to(tl.int64)
+        return block * c_stride_b + slot * c_stride_s + head_off
+    elif HOIST_TABLE and TILE_N % BLOCK_SIZE == 0 and TILE_N // BLOCK_SIZE <= 8:   # a few whole blocks
+        # one uniform load per block, selected per row (a reshape of [blocks, slots] offsets kept Triton 3.6's
+        # pipeliner from pipelining the K/V loads, and more blocks than 8 cost more selects than a gather)
+        row = tl.arange(0, TILE_N)
+        block = tl.zeros([TILE_N], dtype=tl.int64)
+        for i in tl.static_range(TILE_N // BLOCK_SIZE):
+            idx = j * (TILE_N // BLOCK_SIZE) + i
+            if CHECK_END:
+                block_i = tl.load(table + idx, mask=idx * BLOCK_SIZE < seq_len, other=0)
+            else:
+                block_i = tl.load(table + idx)
+            block = tl.where(row // BLOCK_SIZE == i, block_i.to(tl.int64), block)
+        return block * c_stride_b + (row % BLOCK_SIZE).to(tl.int64) * c_stride_s + head_off
+    else:
+        k_pos = j * TILE_N + tl.arange(0, TILE_N)
+        if CHECK_END:
+            block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_pos < seq_len, other=0).to(tl.int64)
+        else:
+            block = tl.load(table + k_pos // BLOCK_SIZE).to(tl.int64)
+        return block * c_stride_b + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_s + head_off
+
+
+@lazy_jit
+def _load_kv_tile(cache_ptr, kv_off, k_ok, dtype, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                  D_MAJOR: tl.constexpr, KV_FP8: tl.constexpr):
+    """A K or V tile in the dots' dtype: [TILE_N, HEAD_DIM] (the cache's order), or [HEAD_DIM, TILE_N] where
+    D_MAJOR. MASKED: rows past the sequence read 0 (unwritten cache may hold NaN, and 0 x NaN = NaN)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if D_MAJOR:
+        if MASKED:
+            x = tl.load(cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+        else:
+            x = tl.load(cache_ptr + kv_off[None, :] + offs_d[:, None])
+    else:
+        if MASKED:
+            x = tl.load(cache_ptr + kv_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        else:
+            x = tl.load(cache_ptr + kv_off[:, None] + offs_d[None, :])
+    if KV_FP8 == 2:   # FP8_DIRECT; exact in q's dtype; the scales apply to the scores and the accumulator
+        x = x.to(dtype)
+    elif KV_FP8:
+        x = x.to(tl.float32).to(dtype)
+    return x
+
+
+@lazy_jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc where acc is not None), fp32."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@lazy_jit
+def _attend_tile(acc, m_i, l_i, q, q_pos, k_pos, kv_off, k_cache_ptr, v_cache_ptr, seq_len, qk_scale,
+                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 KV_FP8: tl.constexpr, FMA_SOFTMAX: tl.constexpr, K_ROW_MAJOR: tl.constexpr,
+                 EARLY_V: tl.constexpr, DOT_ACC: tl.constexpr):
+    """One KV tile's step of the online softmax (base 2, fp32). MASKED: scores past the sequence or past a
+    row's query are -inf, and a row may have seen nothing yet (its max stays -inf)."""
+    k_ok = k_pos < seq_len
+    k = _load_kv_tile(k_cache_ptr, kv_off, k_ok, q.dtype, HEAD_DIM, MASKED, not K_ROW_MAJOR, KV_FP8)
+    if EARLY_V:   # V's load is in flight during the QK dot and the softmax
+        v = _load_kv_tile(v_cache_ptr, kv_off, k_ok, q.dtype, HEAD_DIM, MASKED, False, KV_FP8)
+    if K_ROW_MAJOR:
+        k = tl.trans(k)
+    s = _dot(q, k, None, UPCAST_DOT, DOT_PRECISION)
+    if not FMA_SOFTMAX:
+        s = s * qk_scale
+    if MASKED:
+        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+    if FMA_SOFTMAX:
+        # s is unscaled: scale the row max once, and each score in the exponent's FMA
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        else:
+            m_ref = m_new   # every score is finite: no row max is -inf
+        p = tl.exp2(s * qk_scale - m_ref[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if not EARLY_V:
+        v = _load_kv_tile(v_cache_ptr, kv_off, k_ok, q.dtype, HEAD_DIM, MASKED, False, KV_FP8)
+    if DOT_ACC:   # the rescaled accumulator is the dot's addend (no separate add over the tile)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT, DOT_PRECISION)
+    else:
+        pv = _dot(p.to(v.dtype), v, None, UPCAST_DOT, DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@lazy_jit
 def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len, tile_lo, tile_hi,
                   qk_scale, c_stride_b, c_stride_s, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   TILE_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                  KV_FP8: tl.constexpr):
-    """Online softmax over KV tiles [tile_lo, tile_hi) (base 2, fp32). MASKED: the tiles may hold positions
-    past the sequence or past some row's query; K/V loads are then masked at the sequence length
-    (unwritten cache may hold NaN, and 0 x NaN = NaN) and scores at the causal frontier."""
+                  KV_FP8: tl.constexpr, FMA_SOFTMAX: tl.constexpr, K_ROW_MAJOR: tl.constexpr, EARLY_V: tl.constexpr,
+                  DOT_ACC: tl.constexpr, HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr):
+    """Online softmax over KV tiles [tile_lo, tile_hi). MASKED: the tiles may hold positions past the sequence
+    or past some row's query; K/V loads are then masked at the sequence length and scores at the causal
+    frontier. PREFETCH_TABLE: each tile's block-table read is issued one tile ahead, so the K/V loads wait on
+    no table read."""
     offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for j in range(tile_lo, tile_hi):
-        k_pos = j * TILE_N + offs_n
-        k_ok = k_pos < seq_len
-        if MASKED:
-            block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        else:
-            block = tl.load(table + k_pos // BLOCK_SIZE).to(tl.int64)
-        kv_off = block * c_stride_b + (k_pos % BLOCK_SIZE).to(tl.int64) * c_stride_s + head_off
-        if MASKED:
-            k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_ok[None, :], other=0.0)  # [D, N]
-        else:
-            k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
-        if KV_FP8 == 2:   # FP8_DIRECT; exact in q's dtype; k_scale is folded into qk_scale
-            k = k.to(q.dtype)
-        elif KV_FP8:
-            k = k.to(tl.float32).to(q.dtype)
-        if UPCAST_DOT:
-            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED:
-            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
-        else:
-            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
-        if KV_FP8 == 2:   # FP8_DIRECT; v_scale multiplies the accumulator at the end
-            v = v.to(q.dtype)
-        elif KV_FP8:
-            v = v.to(tl.float32).to(q.dtype)
-        if UPCAST_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if PREFETCH_TABLE:
+        next_off = _tile_kv_offsets(table, tile_lo, seq_len, head_off, c_stride_b, c_stride_s, BLOCK_SIZE, TILE_N,
+                                    True, HOIST_TABLE)
+        for j in range(tile_lo, tile_hi):
+            kv_off = next_off
+            # the next tile may lie past the sequence (past this loop's range): its table read is masked
+            next_off = _tile_kv_offsets(table, j + 1, seq_len, head_off, c_stride_b, c_stride_s, BLOCK_SIZE, TILE_N,
+                                        True, HOIST_TABLE)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, j * TILE_N + offs_n, kv_off, k_cache_ptr,
+                                         v_cache_ptr, seq_len, qk_scale, HEAD_DIM, MASKED, DOT_PRECISION, UPCAST_DOT,
+                                         KV_FP8, FMA_SOFTMAX, K_ROW_MAJOR, EARLY_V, DOT_ACC)
+    else:
+        for j in range(tile_lo, tile_hi):
+            kv_off = _tile_kv_offsets(table, j, seq_len, head_off, c_stride_b, c_stride_s, BLOCK_SIZE, TILE_N,
+                                      MASKED, HOIST_TABLE)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, j * TILE_N + offs_n, kv_off, k_cache_ptr,
+                                         v_cache_ptr, seq_len, qk_scale, HEAD_DIM, MASKED, DOT_PRECISION, UPCAST_DOT,
+                                         KV_FP8, FMA_SOFTMAX, K_ROW_MAJOR, EARLY_V, DOT_ACC)
     return acc, m_i, l_i
 
 
@@ -158,7 +262,9 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr, KV_FP8: tl.constexpr):
+        UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr, KV_FP8: tl.constexpr,
+        FMA_SOFTMAX: tl.constexpr, K_ROW_MAJOR: tl.constexpr, EARLY_V: tl.constexpr, DOT_ACC: tl.constexpr,
+        HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr, REVERSE_TILES: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -180,6 +286,9 @@ def _paged_attention_kernel(
         if MODE == 2:   # MODE_PREFILL: the decode launch serves one-token queries
             if q_len == 1:
                 return
+        if REVERSE_TILES:
+            # a sequence's last tiles (the longest causal spans) start first, so the grid's last wave is short tiles
+            local_tile = tl.cdiv(q_len, BLOCK_Q) - 1 - local_tile
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
@@ -217,14 +326,17 @@ def _paged_attention_kernel(
         num_full = (context_len + local_tile * BLOCK_Q + 1) // TILE_N
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tile_lo, tl.minimum(tile_hi, num_full), qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8,
+                                      FMA_SOFTMAX, K_ROW_MAJOR, EARLY_V, DOT_ACC, HOIST_TABLE, PREFETCH_TABLE)
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tl.maximum(tile_lo, num_full), tile_hi, qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8,
+                                      FMA_SOFTMAX, K_ROW_MAJOR, EARLY_V, DOT_ACC, HOIST_TABLE, PREFETCH_TABLE)
     else:
         acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head_off, seq_len,
                                       tile_lo, tile_hi, qk_scale, c_stride_b, c_stride_s,
-                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
+                                      HEAD_DIM, BLOCK_SIZE, TILE_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8,
+                                      FMA_SOFTMAX, K_ROW_MAJOR, EARLY_V, DOT_ACC, HOIST_TABLE, PREFETCH_TABLE)
 
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr)
@@ -294,12 +406,20 @@ def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, d
     return found
 
 
+# The tile-loop variants (see the module's docstring), each a constexpr of the kernel, by keyword of
+# paged_attention_triton. A call that leaves one None gets PREFILL_VARIANT's value on prefill-sized tiles
+# (BLOCK_M >= 64) and False on decode tiles, whose code is then today's; True or False forces it on any tiles.
+VARIANT_KNOBS = ("fma_softmax", "k_row_major", "dot_acc", "early_v", "hoist_table", "prefetch_table", "reverse_tiles")
+PREFILL_VARIANT = dict.fromkeys(VARIANT_KNOBS, False)
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None, *,
                            split_decodes=False, k_scale=None, v_scale=None, num_segments=None, block_m=None,
-                           tile_n=None, num_warps=None, num_stages=None):
+                           tile_n=None, num_warps=None, num_stages=None, fma_softmax=None, k_row_major=None,
+                           dot_acc=None, early_v=None, hoist_table=None, prefetch_table=None, reverse_tiles=None):
     """split_decodes: two launches (see the module's docstring); max_query_len is then only an upper bound,
     which sizes the prefill launch's tiles. The keyword-only knobs override the heuristics (tests force
-    paths with them; bench sweeps them)."""
+    paths with them; bench sweeps them); the variant knobs (VARIANT_KNOBS) reach both launches."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -319,15 +439,18 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
     args = (out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale)
     fp8 = is_fp8(k_cache)
     knobs = (block_m, tile_n, num_warps, num_stages, num_segments)
+    variant = dict(fma_softmax=fma_softmax, k_row_major=k_row_major, dot_acc=dot_acc, early_v=early_v,
+                   hoist_table=hoist_table, prefetch_table=prefetch_table, reverse_tiles=reverse_tiles)
     if not split_decodes:
-        _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device, fp8), knobs)
+        _launch(*args, MODE_ALL, _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, q.device, fp8), knobs,
+                variant)
         return out
     # The decode launch runs unsplit: the decode count is unknown at capture (a one-launch mixed batch is
     # unsplit too), and with many decodes, where graphs pay off, _config would not split either.
     decode = _config(1, group, head_dim, num_seqs, num_kv_heads, q.device, fp8)[:4] + (1,)
-    _launch(*args, MODE_DECODE, decode, knobs[:4] + (None,))
+    _launch(*args, MODE_DECODE, decode, knobs[:4] + (None,), variant)
     _launch(*args, MODE_PREFILL, _config(max(2, max_query_len), group, head_dim, num_seqs, num_kv_heads, q.device, fp8),
-            knobs)
+            knobs, variant)
     return out
 
 
@@ -339,8 +462,17 @@ def _fp8_mode(k_cache) -> int:
     return FP8_DIRECT if FP8_CONVERT_DIRECT and os.environ.get("TRITON_INTERPRET") != "1" else FP8_VIA_FP32
 
 
+def _variant_constexprs(variant, block_m):
+    """The kernel's variant constexprs (FMA_SOFTMAX=..., ...) for a launch of block_m-row tiles: the knobs a
+    call set, PREFILL_VARIANT's for the others on prefill-sized tiles, off on decode tiles."""
+    forced = {name: on for name, on in (variant or {}).items() if on is not None}
+    assert set(forced) <= set(VARIANT_KNOBS), set(forced) - set(VARIANT_KNOBS)
+    defaults = PREFILL_VARIANT if block_m >= 64 else {}
+    return {name.upper(): bool(forced.get(name, defaults.get(name, False))) for name in VARIANT_KNOBS}
+
+
 def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale, v_scale, mode, config,
-            knobs):
+            knobs, variant=None):
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -370,7 +502,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
-        UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache),
+        UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache), **_variant_constexprs(variant, bm),
         num_warps=warps, num_stages=stages)
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](

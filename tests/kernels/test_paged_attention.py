@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.paged_attention import paged_attention_triton
+from kernels.paged_attention import VARIANT_KNOBS, paged_attention_triton
 
 from tests.kernels.kernel_testing import DEVICE, ON_GPU, assert_close, make_paged_batch, ref_attention
 
@@ -136,6 +136,83 @@ def test_uses_the_kernel_in_triton_mode(monkeypatch):
     assert called
 
 
+# ---------------- tile-loop variants (paged_attention_triton's variant knobs) ----------------
+
+ALL_VARIANTS = dict.fromkeys(VARIANT_KNOBS, True)
+# MIXED plus a chunk with context that spans several query tiles and several unmasked KV tiles
+PREFILL_MIX = MIXED + [(150, 70)]
+# prefill-sized tiles (two loops, the first unmasked) kept small for the interpreter: 64 rows, 32 keys
+PREFILL_TILES = dict(block_m=64, tile_n=32)
+
+
+def mixed_batch(group, block_size, dtype=torch.bfloat16, seed=0):
+    seq_lens, q_lens = zip(*PREFILL_MIX)
+    return make_paged_batch(list(seq_lens), list(q_lens), 2, group, 32, block_size, dtype, seed=seed)
+
+
+@pytest.mark.parametrize("variant", [{name: True} for name in VARIANT_KNOBS] + [ALL_VARIANTS],
+                         ids=list(VARIANT_KNOBS) + ["all"])
+def test_each_variant_on_prefill_tiles(variant):
+    b = mixed_batch(4, 16, seed=1)
+    assert_close(run_kernel(b, **PREFILL_TILES, **variant), ref_attention(b))
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 48, 64])
+@pytest.mark.parametrize("variant", [dict(hoist_table=True), dict(prefetch_table=True),
+                                     dict(hoist_table=True, prefetch_table=True)], ids=["hoist", "prefetch", "both"])
+def test_table_variants_over_block_sizes(variant, block_size):
+    """The table reads follow the block size against TILE_N (32): a gather per row (1: more blocks than the
+    hoist takes), one read per block (8, 16), a block larger than the tile but not a multiple of it (48: a tile
+    may straddle two blocks) and one tile per part of a block (64)."""
+    b = mixed_batch(4, block_size, seed=block_size)
+    assert_close(run_kernel(b, **PREFILL_TILES, **variant), ref_attention(b))
+
+
+@pytest.mark.parametrize("group", [1, 5])
+@pytest.mark.parametrize("path", ["prefill_tiles", "decode_tiles", "split", "split_decodes"])
+def test_all_variants_on_every_path(group, path):
+    """All variants at once, forced onto every path: both loops, the single masked loop of decode tiles,
+    split-KV (segments where a row sees no key, so its max stays -inf there) and the two-launch mode.
+    Group 5 leaves padding rows in each tile."""
+    b = mixed_batch(group, 16, seed=group)
+    kw = {"prefill_tiles": PREFILL_TILES, "decode_tiles": dict(block_m=16, tile_n=16),
+          "split": dict(PREFILL_TILES, num_segments=4), "split_decodes": dict(split_decodes=True)}[path]
+    assert_close(run_kernel(b, **kw, **ALL_VARIANTS), ref_attention(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_all_variants_other_dtypes(dtype):
+    b = mixed_batch(4, 16, dtype, seed=7)
+    assert_close(run_kernel(b, **PREFILL_TILES, **ALL_VARIANTS), ref_attention(b))
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("variant", [dict(fma_softmax=True, k_row_major=True), ALL_VARIANTS], ids=["fma_k_rows", "all"])
+def test_variants_fp8_cache(variant, block_size):
+    from tests.kernels.test_fp8_kv_cache import ref_fp8, run_fp8, scaled_randn_batch
+    seq_lens, q_lens = zip(*PREFILL_MIX)
+    b = scaled_randn_batch(list(seq_lens), list(q_lens), 2, 4, 32, block_size, torch.bfloat16, seed=block_size)
+    ref = ref_fp8(b)
+    assert_close(run_fp8(b, 70, **PREFILL_TILES, **variant), ref)
+    assert ref.float().abs().max() > 0.5
+
+
+def test_variant_defaults(monkeypatch):
+    """Left None, a knob takes PREFILL_VARIANT's value on prefill-sized tiles only; decode tiles stay as they
+    were unless forced. As shipped, every default is off (today's kernel)."""
+    import sys
+    pa = sys.modules["kernels.paged_attention"]
+    assert not any(pa.PREFILL_VARIANT.values())
+    assert not any(pa._variant_constexprs(None, 128).values()) and not any(pa._variant_constexprs({}, 16).values())
+    monkeypatch.setitem(pa.PREFILL_VARIANT, "fma_softmax", True)
+    assert pa._variant_constexprs(dict(fma_softmax=None), 64)["FMA_SOFTMAX"]
+    assert not pa._variant_constexprs(dict(fma_softmax=None), 32)["FMA_SOFTMAX"]
+    assert not pa._variant_constexprs(dict(fma_softmax=False), 128)["FMA_SOFTMAX"]
+    assert pa._variant_constexprs(dict(dot_acc=True), 16)["DOT_ACC"]
+    with pytest.raises(AssertionError):
+        pa._variant_constexprs(dict(no_such_knob=True), 128)
+
+
 # ---------------- realistic shapes, CUDA only ----------------
 
 def _rand_lens(n, lo, hi, seed):
@@ -172,6 +249,20 @@ def test_gpu_mixed_batch(num_kv_heads, group, head_dim, block_size):
 def test_gpu_prefill(n):
     b = make_paged_batch([n, n // 2], [n, n // 2], 8, 4, 128, 16, torch.bfloat16)
     assert_close(run_kernel(b), ref_attention(b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="realistic shapes need CUDA")
+@pytest.mark.parametrize("variant", [dict(fma_softmax=True, k_row_major=True, dot_acc=True), ALL_VARIANTS],
+                         ids=["fa2", "all"])
+@pytest.mark.parametrize("tiles", [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)], ids=str)
+def test_gpu_prefill_variants(variant, tiles):
+    """The variants compiled at bench/prefill_attention.py's tile shapes: whole prompts, a chunk with cached
+    context and decodes, Llama-3-8B heads, block 16."""
+    block_m, tile_n, warps, stages = tiles
+    b = make_paged_batch([2048, 1000, 3000] + _rand_lens(8, 1, 4096, 5), [2048, 1000, 700] + [1] * 8, 8, 4, 128, 16,
+                         torch.bfloat16)
+    assert_close(run_kernel(b, block_m=block_m, tile_n=tile_n, num_warps=warps, num_stages=stages, **variant),
+                 ref_attention(b))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs > 4 GiB of cache on CUDA")
