@@ -54,9 +54,10 @@ def test_switch_routes_small_m_to_the_kernel(monkeypatch, launches, bias):
 
 
 def forward_logits(path, steps=3):
-    """Logits of a prefill of 3 prompts (M = 21), then decode steps of the three (M = 3) feeding fixed tokens."""
+    """Logits of a prefill of 3 prompts, then decode steps of the three (M = 3) feeding fixed tokens; eager
+    (on a GPU too: each launch is counted)."""
     runner = ModelRunner(engine_config(path, num_gpu_blocks_override=32, max_num_seqs=4, max_num_batched_tokens=64,
-                                       dtype="float32", device=DEVICE.type))
+                                       dtype="float32", device=DEVICE.type, enforce_eager="true"))
     seqs = []
     for i, p in enumerate(prompt_set(3, seed=2)):
         s = Sequence(f"r{i}", list(p), len(p), SamplingParams())
