@@ -129,7 +129,8 @@ def weight_copies(k: int, n: int) -> int:
 
 
 def triton_times(x, pairs, iters: int, graph: bool) -> dict:
-    """The Triton kernel on bf16 and on e4m3 weights: the heuristic's config, and split_k=1 where it splits."""
+    """The Triton kernel on bf16 and on e4m3 weights: the heuristic's config, and where it splits, the
+    N tiling alone (the heuristic's config without k: its tiles before split-K)."""
     m, k = x.shape
     n = pairs[0][0].weight.shape[0]
     linear, fp8 = pairs[0]
@@ -144,8 +145,10 @@ def triton_times(x, pairs, iters: int, graph: bool) -> dict:
         split = k_slices(k, c.split_k, c.block_k)[1]
         out[key + "_split"] = split
         out[key] = time_ms([lambda l=l, f=f: run(l, f) for l, f in pairs], iters, graph)
+        tiles = gemm_config(m, n, x.device, None, weight_dtype)
+        no_split = dict(split_k=1, block_n=tiles.block_n, block_k=tiles.block_k, num_stages=tiles.num_stages)
         out[key + "_nosplit"] = out[key] if split == 1 else \
-            time_ms([lambda l=l, f=f: run(l, f, split_k=1) for l, f in pairs], iters, graph)
+            time_ms([lambda l=l, f=f: run(l, f, **no_split) for l, f in pairs], iters, graph)
     return out
 
 
