@@ -15,11 +15,12 @@ takes enough loads in flight on every SM. The kernel
   * converts each e4m3 tile to x's dtype in registers (exact: every e4m3 value is a bf16, fp16 and fp32
     value) for a tensor-core dot with M padded to 16 rows (free: memory-bound), accumulating in fp32;
   * applies the per-channel scale once to the fp32 sum, adds the bias in fp32, casts once.
-The heuristic (gemm_config) first picks the N tiling (from the H100 sweep of the FP8 kernel before
-split-K), then splits K where that alone leaves well under 2 programs per SM (Llama-3-8B's qkv, o and
-down at M <= 16: 96-128 programs on the H100's 132 SMs), with the smallest power of two that reaches 2
-(so 2-4 programs per SM). K steps are chosen in bytes of W, so bf16 weights get half the K elements of
-e4m3 ones for the same loads and shared memory. The knobs of *_triton override any of it.
+The heuristic (gemm_config) first picks the N tiling (from the H100 sweeps), then splits K where that alone
+leaves too few programs: for e4m3 under 1.5 per SM (Llama-3-8B's qkv, o and down at M <= 16: 96-128
+programs on the H100's 132 SMs), with the smallest power of two that reaches 2 (so 2-4 programs per SM);
+bf16 weights, which stream at bandwidth from fewer programs, only under 0.5 per SM (SPLIT_BELOW_PER_SM).
+K steps are mostly chosen in bytes of W, so bf16 weights get half the K elements of e4m3 ones for the same
+loads and shared memory. The knobs of *_triton override any of it.
 No host syncs and no data-dependent host branches (the config follows shapes only; the workspace is a
 torch.empty per call, which the caching allocator serves from the graph's pool under capture): CUDA-graph safe.
 """
@@ -36,9 +37,14 @@ from kernels.fp8 import FP8_DTYPE
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
 MAX_SPLIT_K = 16
-# Split K below this many programs per SM. Not 2: a grid just short of it (M = 32's o and down on the H100:
-# 256 programs on 132 SMs) would pay the second launch and the workspace for 3% more programs.
-SPLIT_BELOW_PER_SM = 1.5
+MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage pipeline is mostly fill and drain
+# Split K below this many programs per SM, by bytes of a weight element. e4m3 at 1.5: its programs are bound by
+# converting every element in registers, so more of them help (H100, M = 1: qkv 16.2 -> 12.9 us, down 25.2 ->
+# 24.4); not 2: a grid just short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the second
+# launch and the workspace for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
+# SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
+# much smaller grid splits.
+SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
 REDUCE_BLOCK_N = 512   # the split-K reduce: channels per program (one row each); a few programs at M = 1
 
 
@@ -150,8 +156,9 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
         # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16, e4m3): a wide
         # output (gate_up, 28672) streams best in short K steps; the others in long ones (512) over the widest
         # tile that still gives ~0.7 programs per SM (qkv 64, o and down 32): 22-28% under the old pick.
+        # bf16's wide steps are 256 bytes (128 elements: gate_up 80.9 us against 82.5 at 64, H100).
         if cdiv(n, 32) >= 4 * sms:
-            tiles = GemmConfig(block_m, 64, 128 // elem, 4, 3)
+            tiles = GemmConfig(block_m, 64, 128 if elem == 1 else 256 // elem, 4, 3)
         else:
             block_n = next((wide for wide in (64, 32) if cdiv(n, wide) >= 0.7 * sms), 16)
             tiles = GemmConfig(block_m, block_n, 512 // elem, 4, 4)
@@ -168,15 +175,15 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
 
 
 def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int) -> GemmConfig:
-    """Split K when the N x M tiling gives well under 2 programs per SM (under SPLIT_BELOW_PER_SM): the
-    smallest power of two that reaches 2 (so 2-4 per SM), at most one slice per K step. Split programs
+    """Split K when the N x M tiling gives fewer than SPLIT_BELOW_PER_SM programs per SM: the smallest power
+    of two that reaches 2 (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split programs
     stream shorter K steps (256 bytes a row, 3 stages) so that 2-4 of them fit an SM's shared memory."""
-    if programs >= SPLIT_BELOW_PER_SM * sms:
+    if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
         return tiles
     block_k = min(tiles.block_k, 256 // elem)
-    steps = cdiv(k, block_k)
+    most = min(MAX_SPLIT_K, cdiv(k, block_k) // MIN_SLICE_STEPS)
     split = 1
-    while programs * split < 2 * sms and 2 * split <= min(MAX_SPLIT_K, steps):
+    while programs * split < 2 * sms and 2 * split <= most:
         split *= 2
     if split == 1:
         return tiles
