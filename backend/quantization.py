@@ -22,14 +22,20 @@ is at most TRITON_W8A16_MAX_M. cuBLASLt's FP8 GEMM is built for large M; at deco
 weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say. The two paths round
 differently (W8A16 leaves x unquantized), so a token computed in a batch of <= 32 rows may differ in
 the last bits from the same token in a larger batch, as with any M-dependent GEMM choice.
+
+Unquantized projections (UnquantizedLinear, vLLM's UnquantizedLinearMethod) run torch's GEMM (cuBLAS), or
+the same Triton weight-streaming kernel on their weights in the model's dtype (kernels.fp8_gemm.weight_gemm)
+on CUDA when the flattened M is at most TRITON_BF16_GEMV_MAX_M (0: off).
 """
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from kernels.fp8 import FP8_DTYPE
+from kernels.fp8_gemm import weight_gemm
 
 # The decoder layers' projections that run in FP8 (the embedding and the LM head stay in the model's dtype,
 # as in vLLM's FP8 checkpoints).
@@ -40,6 +46,12 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # projection of the Llama-3-8B and Qwen3-0.6B shapes but Llama's gate_up (56 vs 50 us), and loses from
 # M = 64 on. M is a shape, so the choice is fixed per captured CUDA graph.
 TRITON_W8A16_MAX_M = 32
+
+# Largest flattened M at which the unquantized projections (weights in the model's dtype, bf16 when served)
+# take the Triton weight-streaming kernel on CUDA instead of torch's GEMM (cuBLAS). Off (0) until
+# bench/fp8_gemm.py on the H100 says the kernel wins; single-request decode (M = 1) is what it is for. M is
+# a shape, so the choice is fixed per captured CUDA graph.
+TRITON_BF16_GEMV_MAX_M = 0
 
 # cuBLASLt's FP8 fast accumulation (the tensor cores' partial sums are not promoted to fp32 every few
 # K steps), as vLLM's Hopper FP8 GEMMs run. H100 (bench/fp8_gemm.py): gate_up 68 -> 59 us at M = 256,
@@ -65,6 +77,22 @@ def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
     y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=mm_dtype,
                          **fast)
     return y.to(out_dtype)
+
+
+def unquantized_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias), all in one dtype: torch's GEMM, or the Triton weight-streaming
+    kernel for at most TRITON_BF16_GEMV_MAX_M rows on the Triton path."""
+    rows = x.reshape(-1, x.shape[-1])
+    if 0 < rows.shape[0] <= TRITON_BF16_GEMV_MAX_M and kernels.use_triton(rows):
+        return weight_gemm(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class UnquantizedLinear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose GEMM is unquantized_gemm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unquantized_gemm(x, self.weight, self.bias)
 
 
 class Fp8Activation(NamedTuple):

@@ -1,86 +1,202 @@
-"""W8A16 GEMM for small batches (quantization fp8, decode): y [M, N] = x [M, K] @ (w [N, K] * w_scale [N, 1]).T
-(+ bias) in x's dtype, with float8 e4m3 weights and per-output-channel fp32 scales; x is not quantized.
+"""Weight-streaming GEMM for small batches (decode): y [M, N] = x [M, K] @ W.T (+ bias) in x's dtype, W [N, K]
+  * float8 e4m3 with per-output-channel fp32 scales, W = w * w_scale [N, 1] (W8A16, quantization fp8; x is
+    not quantized): fp8_weight_gemm;
+  * or unquantized, in x's dtype (bf16/fp16/fp32; HAS_SCALE off): weight_gemm, what the unquantized linear
+    layers run at decode sizes when backend.quantization.TRITON_BF16_GEMV_MAX_M lets them.
+(The module kept the name of its first, FP8-only scope.)
 
-At decode sizes (M up to ~64) the GEMM is a stream of the weight: time ~ bytes of w / bandwidth. The kernel
-  * tiles N only: each program owns BLOCK_N output channels and all BLOCK_M rows of an M tile, and loops
-    over the whole K accumulating in fp32 registers, so no split-K partials and no reduce launch;
-    parallelism comes from small BLOCK_N instead (the heuristic shrinks it to 16 until there are about
-    two programs per SM; Llama-3-8B's narrowest projection, N = 4096, gets 256);
-  * converts each [BLOCK_K, BLOCK_N] e4m3 tile to x's dtype in registers (exact: every e4m3 value is a
-    bf16, fp16 and fp32 value) for a tensor-core dot with M padded to 16 rows (free: memory-bound);
-  * applies the per-channel scale once to the fp32 accumulator, adds the bias in fp32, casts once.
-No host syncs and no data-dependent host branches (the config follows shapes only): CUDA-graph safe.
+At decode sizes (M up to ~64) the GEMM is a stream of the weight: time ~ bytes of W / bandwidth, which
+takes enough loads in flight on every SM. The kernel
+  * tiles N: each program owns BLOCK_N output channels and all BLOCK_M rows of an M tile;
+  * may split K (SPLIT_K): program (n tile, m tile, s) streams the s-th K slice (a whole number of BLOCK_K
+    steps) and writes its fp32 partial to a workspace [SPLIT_K, M, N]; a second, small kernel sums the
+    partials in a fixed order (deterministic: no atomics), applies the scale and bias and casts. Without a
+    split there is no workspace and no second launch: the one program applies them itself;
+  * converts each e4m3 tile to x's dtype in registers (exact: every e4m3 value is a bf16, fp16 and fp32
+    value) for a tensor-core dot with M padded to 16 rows (free: memory-bound), accumulating in fp32;
+  * applies the per-channel scale once to the fp32 sum, adds the bias in fp32, casts once.
+The heuristic (gemm_config) first picks the N tiling (from the H100 sweeps), then splits K where that alone
+leaves too few programs: for e4m3 under 1.5 per SM (Llama-3-8B's qkv, o and down at M <= 16: 96-128
+programs on the H100's 132 SMs), with the smallest power of two that reaches 2 (so 2-4 programs per SM);
+bf16 weights, which stream at bandwidth from fewer programs, only under 0.5 per SM (SPLIT_BELOW_PER_SM).
+K steps are mostly chosen in bytes of W, so bf16 weights get half the K elements of e4m3 ones for the same
+loads and shared memory. The knobs of *_triton override any of it.
+No host syncs and no data-dependent host branches (the config follows shapes only; the workspace is a
+torch.empty per call, which the caching allocator serves from the graph's pool under capture): CUDA-graph safe.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
 from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
+from kernels.fp8 import FP8_DTYPE
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
+
+MAX_SPLIT_K = 16
+MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage pipeline is mostly fill and drain
+# Split K below this many programs per SM, by bytes of a weight element. e4m3 at 1.5: its programs are bound by
+# converting every element in registers, so more of them help (H100, M = 1: qkv 16.2 -> 12.9 us, down 25.2 ->
+# 24.4); not 2: a grid just short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the second
+# launch and the workspace for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
+# SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
+# much smaller grid splits.
+SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
+REDUCE_BLOCK_N = 512   # the split-K reduce: channels per program (one row each); a few programs at M = 1
 
 
 def fp8_weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ (weight [N, K] e4m3 * weight_scale [N]).T (+ bias) in fp32, cast to x's dtype."""
-    y = x.float() @ (weight.float() * weight_scale.float()[:, None]).t()
+    return _fp32_linear(x, weight.float() * weight_scale.float()[:, None], bias)
+
+
+def weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) in fp32, cast to x's dtype."""
+    return _fp32_linear(x, weight.float(), bias)
+
+
+def _fp32_linear(x, w_fp32, bias):
+    y = x.float() @ w_fp32.t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
 @lazy_jit
-def _fp8_weight_gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, m, n, k, x_stride, w_stride, out_stride,
-                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _dot_tile(acc, x, w, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N] in fp32; an e4m3 w converted to x's dtype first."""
+    if UPCAST_DOT:
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        if HAS_SCALE:
+            w = w.to(tl.float32).to(x.dtype)   # e4m3 -> x's dtype (exact), via fp32
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@lazy_jit
+def _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride,
+                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[offs_m, offs_n] = (acc * scale + bias) cast to out's dtype: both in fp32, one rounding."""
+    n_ok = offs_n < n
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < m)[:, None] & n_ok[None, :])
+
+
+@lazy_jit
+def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, m, n, k, k_per_split,
+                          x_stride, w_stride, out_stride,
+                          HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok, m_ok = offs_n < n, offs_m < m
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride + offs_k[None, :]          # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_stride + offs_k[:, None]          # [BLOCK_K, BLOCK_N]
+    # This program's K slice; k_per_split is a multiple of BLOCK_K, so only the last step of the last
+    # slice is partial, and masks on K alone suffice.
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k + k0 < k   # every load masked on K: the row past K is another row's (or no) memory
         x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(tl.float32).to(x.dtype), acc, input_precision=DOT_PRECISION)
-    acc *= tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc = _dot_tile(acc, x, w, HAS_SCALE, DOT_PRECISION, UPCAST_DOT)
+    if SPLIT_K == 1:
+        _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE, HAS_BIAS)
+    else:   # the fp32 partial of this slice: workspace [SPLIT_K, M, N], summed by _split_k_reduce_kernel
+        rows = split * m + offs_m
+        partial_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :]
+        tl.store(partial_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemm_config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the shapes only (python ints)."""
+@lazy_jit
+def _split_k_reduce_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, m, n, out_stride,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """One row, BLOCK_N channels: the SPLIT_K partials summed in slice order (the same bits every run)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) + tl.arange(0, 1)
+    n_ok = (offs_n < n)[None, :]
+    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        rows = s * m + offs_m   # row offs_m of slice s
+        acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :], mask=n_ok, other=0.0)
+    _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE, HAS_BIAS)
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+
+def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
+                weight_dtype: torch.dtype = FP8_DTYPE) -> GemmConfig:
+    """The tiles and the K split from the shapes only (python ints). Without k, no split (the N tiling alone)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64     # tl.dot needs >= 16 rows; padding rows cost no bytes
     sms = num_sms(device)
+    elem = weight_dtype.itemsize   # K steps below are in bytes of e4m3 (one byte): wider weights take fewer
     if m <= 16:
-        # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16): a wide output
-        # (gate_up, 28672) streams best in short K steps; the others in long ones (512) over the widest
+        # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16, e4m3): a wide
+        # output (gate_up, 28672) streams best in short K steps; the others in long ones (512) over the widest
         # tile that still gives ~0.7 programs per SM (qkv 64, o and down 32): 22-28% under the old pick.
+        # bf16's wide steps are 256 bytes (128 elements: gate_up 80.9 us against 82.5 at 64, H100).
         if cdiv(n, 32) >= 4 * sms:
-            return block_m, 64, 128, 4, 3
-        block_n = next((wide for wide in (64, 32) if cdiv(n, wide) >= 0.7 * sms), 16)
-        return block_m, block_n, 512, 4, 4
-    m_tiles = cdiv(m, block_m)
-    block_n = 16
-    for wide in (64, 32):   # widest tile that still leaves ~2 programs per SM to keep loads in flight
-        if cdiv(n, wide) * m_tiles >= 2 * sms:
-            block_n = wide
-            break
-    return block_m, block_n, 256, 4, 4
+            tiles = GemmConfig(block_m, 64, 128 if elem == 1 else 256 // elem, 4, 3)
+        else:
+            block_n = next((wide for wide in (64, 32) if cdiv(n, wide) >= 0.7 * sms), 16)
+            tiles = GemmConfig(block_m, block_n, 512 // elem, 4, 4)
+    else:
+        block_n = 16
+        for wide in (64, 32):   # widest tile that still leaves ~2 programs per SM to keep loads in flight
+            if cdiv(n, wide) * cdiv(m, block_m) >= 2 * sms:
+                block_n = wide
+                break
+        tiles = GemmConfig(block_m, block_n, 256 // elem, 4, 4)
+    if k is None:
+        return tiles
+    return with_split_k(tiles, cdiv(n, tiles.block_n) * cdiv(m, block_m), k, sms, elem)
 
 
-def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, block_n=None, block_k=None, num_warps=None,
-                           num_stages=None):
-    """The keyword-only knobs override the heuristic (tests force tile shapes with them; bench sweeps them)."""
+def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int) -> GemmConfig:
+    """Split K when the N x M tiling gives fewer than SPLIT_BELOW_PER_SM programs per SM: the smallest power
+    of two that reaches 2 (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split programs
+    stream shorter K steps (256 bytes a row, 3 stages) so that 2-4 of them fit an SM's shared memory."""
+    if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
+        return tiles
+    block_k = min(tiles.block_k, 256 // elem)
+    most = min(MAX_SPLIT_K, cdiv(k, block_k) // MIN_SLICE_STEPS)
+    split = 1
+    while programs * split < 2 * sms and 2 * split <= most:
+        split *= 2
+    if split == 1:
+        return tiles
+    return tiles._replace(block_k=block_k, num_stages=3, split_k=split)
+
+
+def k_slices(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(K elements per slice, a multiple of block_k; slices that hold any K): the last slice is the short one."""
+    per_split = cdiv(cdiv(k, split_k), block_k) * block_k
+    return per_split, max(1, cdiv(k, per_split))
+
+
+def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -88,19 +204,43 @@ def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, block_n=None, 
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    assert weight.stride(-1) == 1 and weight_scale.is_contiguous() and (bias is None or bias.is_contiguous())
-    config = gemm_config(m, n, x.device)
-    bm, bn, bk, warps, stages = (knob or c for knob, c in zip((None, block_n, block_k, num_warps, num_stages), config))
-    grid = (cdiv(n, bn), cdiv(m, bm))
-    _fp8_weight_gemm_kernel[grid](
-        x, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    assert weight.stride(-1) == 1 and weight.shape[1] == k and (bias is None or bias.is_contiguous())
+    assert weight_scale is not None or weight.dtype == x.dtype, "an unquantized weight must be in x's dtype"
+    config = gemm_config(m, n, x.device, k, weight.dtype)
+    config = config._replace(**{name: v for name, v in knobs.items() if v is not None})
+    k_per_split, split_k = k_slices(k, config.split_k, config.block_k)
+    # the workspace exists only for a split: partials in fp32, each [M, N] slice written whole
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    scale = weight_scale if weight_scale is not None else out   # never read when HAS_SCALE is off
+    bias_arg = bias if bias is not None else out                 # never read when HAS_BIAS is off
+    flags = dict(HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k)
+    grid = (cdiv(n, config.block_n), cdiv(m, config.block_m), split_k)
+    _weight_stream_kernel[grid](
+        x, weight, scale, bias_arg, out, partial, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
         # Triton's interpreter multiplies bf16 operands' storage bits in tl.dot: run those dots in fp32 there
         UPCAST_DOT=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=warps, num_stages=stages)
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if split_k > 1:
+        _split_k_reduce_kernel[(cdiv(n, REDUCE_BLOCK_N), m)](
+            partial, scale, bias_arg, out, m, n, out.stride(0), **flags, BLOCK_N=REDUCE_BLOCK_N, num_warps=4)
     return out
+
+
+def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, split_k=None, block_n=None, block_k=None,
+                           num_warps=None, num_stages=None):
+    """The keyword-only knobs override the heuristic (tests force tile shapes with them; bench sweeps them)."""
+    assert weight_scale.is_contiguous()
+    return _weight_stream_gemm(x, weight, weight_scale, bias, dict(
+        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+
+
+def weight_gemm_triton(x, weight, bias=None, *, split_k=None, block_n=None, block_k=None, num_warps=None,
+                       num_stages=None):
+    """weight_gemm's kernel; the knobs as fp8_weight_gemm_triton's."""
+    return _weight_stream_gemm(x, weight, None, bias, dict(
+        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
 
 
 def fp8_weight_gemm(x, weight, weight_scale, bias=None):
@@ -108,3 +248,10 @@ def fp8_weight_gemm(x, weight, weight_scale, bias=None):
     if use_triton(x):
         return fp8_weight_gemm_triton(x, weight, weight_scale, bias)
     return fp8_weight_gemm_ref(x, weight, weight_scale, bias)
+
+
+def weight_gemm(x, weight, bias=None):
+    """x [M, K] @ weight [N, K].T (+ bias), both in one dtype (bf16/fp16/fp32) -> [M, N] in that dtype."""
+    if use_triton(x):
+        return weight_gemm_triton(x, weight, bias)
+    return weight_gemm_ref(x, weight, bias)

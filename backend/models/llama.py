@@ -13,7 +13,7 @@ from torch import nn
 import kernels
 from backend import parallel
 from backend.attention import AttentionMetadata
-from backend.quantization import Fp8Activation, Fp8Linear
+from backend.quantization import Fp8Activation, Fp8Linear, UnquantizedLinear
 
 
 @dataclass
@@ -91,12 +91,12 @@ def _llama3_scale(inv_freq, s):
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def fuse_linears(*linears: nn.Linear | Fp8Linear) -> nn.Linear | Fp8Linear:
+def fuse_linears(*linears: UnquantizedLinear | Fp8Linear) -> UnquantizedLinear | Fp8Linear:
     if isinstance(linears[0], Fp8Linear):
         return Fp8Linear.concat(linears)
     weight = torch.cat([l.weight for l in linears])
     bias = torch.cat([l.bias for l in linears]) if linears[0].bias is not None else None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused = UnquantizedLinear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
@@ -122,10 +122,10 @@ class Attention(nn.Module):
     def __init__(self, a: LlamaArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.q_proj = UnquantizedLinear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = UnquantizedLinear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = UnquantizedLinear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = UnquantizedLinear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
@@ -166,9 +166,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: LlamaArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_proj = UnquantizedLinear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = UnquantizedLinear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = UnquantizedLinear(a.intermediate_size, a.hidden_size, bias=False)
 
     def fuse_weights(self):
         self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)

@@ -1,5 +1,7 @@
-"""W8A16 FP8-weight GEMM (quantization fp8, small M): the Triton kernel against fp32 math on the same values,
-and Fp8Linear's W8A16 path behind backend.quantization.TRITON_W8A16_MAX_M.
+"""The small-M weight-streaming GEMM (kernels/fp8_gemm.py): the Triton kernel against fp32 math on the same
+values, on e4m3 weights with per-channel scales (W8A16, quantization fp8) and on unquantized weights in x's
+dtype, with and without split-K; the split heuristic; Fp8Linear's W8A16 path behind
+backend.quantization.TRITON_W8A16_MAX_M (the unquantized layers' switch: test_weight_gemm_routing.py).
 
 Tolerance: the kernel's products are exact (e4m3 converted to x's dtype is exact; bf16 x bf16 and
 fp32 x fp32 dots accumulate in fp32), so it differs from the fp32 reference only by the order of the
@@ -10,7 +12,10 @@ relative for bf16, 2^-11 for fp16, none for fp32) compiled, a whole ulp under Tr
 (through views of padded tensors), so a load that is not masked where it should be gives NaN. Tried:
 K masks from the tile's start instead of its offset, the x load unmasked on K, the scale of the next
 channel or none: 54 to 82 of 83 cases fail. The weight's K mask is checked on the GPU only: Triton's
-interpreter reads e4m3's NaN as 480, and 0 (the masked x) x 480 is 0.
+interpreter reads e4m3's NaN as 480, and 0 (the masked x) x 480 is 0; unquantized weights are NaN there too,
+which checks it everywhere. Split-K, tried: the reduce dropping the last partial, or reading slice 0's for
+every slice; every slice's partial written to slice 0's rows; slices overlapping by a K step; the reduce
+without the bias, or without the scale: 39 to 79 of 250 cases fail (the others do not split).
 """
 import pytest
 import torch
@@ -18,7 +23,10 @@ from torch import nn
 
 import kernels
 from kernels.fp8 import FP8_DTYPE
-from kernels.fp8_gemm import fp8_weight_gemm_ref, fp8_weight_gemm_triton
+import kernels.fp8_gemm as fp8_gemm
+from kernels.dispatch import cdiv
+from kernels.fp8_gemm import (fp8_weight_gemm_ref, fp8_weight_gemm_triton, gemm_config, k_slices, weight_gemm,
+                              weight_gemm_ref, weight_gemm_triton)
 from tests.kernels.kernel_testing import DEVICE, ON_GPU
 
 FP32_EPS = 2.0 ** -24
@@ -26,26 +34,34 @@ ROUNDING = {dtype: 0.0 if dtype == torch.float32 else (0.5 if ON_GPU else 1.0) *
             for dtype in (torch.bfloat16, torch.float16, torch.float32)}   # of the cast to x's dtype, relative
 NAN_FP8 = 0x7F   # e4m3fn's NaN bit pattern
 
-SHAPES = [(50, 300), (97, 520), (16, 64)] + ([(4096, 4096), (1024, 3072)] if ON_GPU else [])
+# (N, K); (40, 2048): the heuristic splits K under the interpreter's 8 SMs (for every weight dtype)
+SHAPES = [(50, 300), (97, 520), (16, 64), (40, 2048)] + ([(4096, 4096), (1024, 3072)] if ON_GPU else [])
 
 
-def make_operands(m, n, k, dtype, bias, seed=0, pad=5):
-    """x [m, k], weight [n, k] e4m3, scale [n], bias [n]: views of padded tensors whose padding is NaN."""
+def make_operands(m, n, k, dtype, bias, seed=0, pad=5, quantized=True):
+    """x [m, k], weight [n, k], scale [n], bias [n]: views of padded tensors whose padding is NaN. quantized:
+    an e4m3 weight and its per-channel scales; else the same channels' values in x's dtype, scale None."""
     g = torch.Generator().manual_seed(seed)
     x_full = torch.full((m + pad, k + pad), float("nan"), dtype=dtype)
     x_full[:m, :k] = (torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(dtype)
-    w_full = torch.full((n + pad, k + pad), NAN_FP8, dtype=torch.uint8).view(FP8_DTYPE)
-    w_full[:n, :k] = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(FP8_DTYPE)
+    values = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448)
     scale = torch.logspace(-4, -1, n) * torch.rand(n, generator=g).add(0.5)   # channels of different sizes
+    if quantized:
+        w_full = torch.full((n + pad, k + pad), NAN_FP8, dtype=torch.uint8).view(FP8_DTYPE)
+        w_full[:n, :k] = values.to(FP8_DTYPE)
+    else:
+        w_full = torch.full((n + pad, k + pad), float("nan"), dtype=dtype)
+        w_full[:n, :k] = (values * scale[:, None]).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     to = dict(device=DEVICE)
-    return (x_full.to(**to)[:m, :k], w_full.to(**to)[:n, :k], scale.to(**to),
+    return (x_full.to(**to)[:m, :k], w_full.to(**to)[:n, :k], scale.to(**to) if quantized else None,
             b.to(**to) if b is not None else None)
 
 
 def assert_within_fp32_sum_error(y, x, weight, scale, bias):
-    """y against fp32 math on the same values, within the bound of the module's docstring."""
-    w = weight.float() * scale[:, None]
+    """y against fp32 math on the same values, within the bound of the module's docstring (scale None: an
+    unquantized weight)."""
+    w = weight.float() * scale[:, None] if scale is not None else weight.float()
     exact = x.float() @ w.t() + (bias.float() if bias is not None else 0)
     magnitude = x.float().abs() @ w.abs().t() + (bias.float().abs() if bias is not None else 0)
     k = x.shape[1]
@@ -90,6 +106,96 @@ def test_every_tile_shape(m, block_n, block_k):
 def test_no_rows():
     x, w, scale, _ = make_operands(0, 50, 64, torch.bfloat16, bias=False)
     assert kernels.fp8_weight_gemm(x, w, scale).shape == (0, 50)
+    x, w, _, _ = make_operands(0, 50, 64, torch.bfloat16, bias=False, quantized=False)
+    assert weight_gemm(x, w).shape == (0, 50)
+
+
+# ---- unquantized weights (HAS_SCALE off) and split-K ------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+def test_weight_gemm_matches_fp32_math(m, n, k, dtype, bias):
+    """The weight in x's dtype (NaN past its K edge too, which the interpreter reads as NaN: the weight's
+    K mask is checked here on CPU as well). The heuristic splits K at most of these shapes (8 SMs)."""
+    x, w, _, b = make_operands(m, n, k, dtype, bias, seed=m + n + k, quantized=False)
+    if m > 2:
+        x[1] = 0   # a padding row: exactly the bias
+    y = weight_gemm(x, w, b)
+    assert y.dtype == dtype
+    assert_within_fp32_sum_error(y, x, w, None, b)
+    assert_within_fp32_sum_error(weight_gemm_ref(x, w, b), x, w, None, b)
+    if m > 2:
+        assert torch.equal(y[1], b if bias else torch.zeros_like(y[1]))
+
+
+def gemm(quantized, x, w, scale, b, **knobs):
+    return fp8_weight_gemm_triton(x, w, scale, b, **knobs) if quantized else weight_gemm_triton(x, w, b, **knobs)
+
+
+# (split_k, block_k) at K = 300 / 1000: slices of 1, 2 or 3 K steps; a short last slice; last steps partial;
+# a split past the K steps (the slice count drops to those that hold K)
+SPLITS = [(1, 64), (2, 64), (3, 32), (4, 64), (8, 16), (16, 256)]
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("split_k,block_k", SPLITS)
+@pytest.mark.parametrize("m,n,k,bias,dtype", [(1, 97, 300, True, torch.bfloat16), (5, 50, 1000, False, torch.float16),
+                                              (17, 33, 300, True, torch.float32)])
+def test_split_k(quantized, split_k, block_k, m, n, k, bias, dtype):
+    """Each split of K within the fp32-sum bound, and deterministic: the same bits on a second run."""
+    x, w, scale, b = make_operands(m, n, k, dtype, bias, seed=split_k * k + m, quantized=quantized)
+    y = gemm(quantized, x, w, scale, b, split_k=split_k, block_k=block_k, block_n=32)
+    assert_within_fp32_sum_error(y, x, w, scale, b)
+    assert torch.equal(y, gemm(quantized, x, w, scale, b, split_k=split_k, block_k=block_k, block_n=32))
+
+
+@pytest.mark.parametrize("k,split_k,block_k", [(300, 4, 64), (1000, 3, 32), (520, 8, 16), (64, 4, 64), (1, 2, 16),
+                                               (4096, 4, 256), (14336, 4, 128), (5000, 16, 512)])
+def test_k_slices_cover_k_once(k, split_k, block_k):
+    per_split, slices = k_slices(k, split_k, block_k)
+    assert per_split % block_k == 0 and 1 <= slices <= split_k
+    covered = [i for s in range(slices) for i in range(s * per_split, min((s + 1) * per_split, k))]
+    assert covered == list(range(k))   # every K once, in order; no slice empty
+    assert (slices - 1) * per_split < k
+
+
+LLAMA3_8B = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
+
+
+def programs_of(c, m, n, k):
+    return cdiv(n, c.block_n) * cdiv(m, c.block_m) * k_slices(k, c.split_k, c.block_k)[1]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_heuristic_splits_k_where_the_n_tiling_leaves_sms_idle(monkeypatch, m):
+    """On a 132-SM H100, Llama-3-8B at decode sizes: with e4m3 weights qkv, o and down (N tiles for under
+    one program per SM) split K to 2-4 programs per SM, gate_up (3.4 per SM from its N tiles) does not;
+    bf16 weights split none of them (0.7-1 per SM stream at bandwidth), only a grid under 0.5 per SM
+    (Qwen3-0.6B's o, N = 1024), and not into slices of under MIN_SLICE_STEPS K steps."""
+    monkeypatch.setattr(fp8_gemm, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    for name, k, n in LLAMA3_8B:
+        c = gemm_config(m, n, cuda, k, FP8_DTYPE)
+        assert (c.split_k == 1) == (name == "gate_up"), (name, c)
+        assert 2 * 132 <= programs_of(c, m, n, k) <= 4 * 132, (name, c)
+        b = gemm_config(m, n, cuda, k, torch.bfloat16)
+        assert b.split_k == 1 and programs_of(b, m, n, k) >= 0.5 * 132, (name, b)
+        assert b.block_k * 2 in (256, 512) and (c.split_k > 1 or c.block_k in (128, 512))
+    assert gemm_config(m, 6144, cuda).split_k == 1                        # no k: the N tiling alone
+    small_o = gemm_config(m, 1024, cuda, 2048, torch.bfloat16)
+    assert small_o.split_k == 4 and 2048 // small_o.block_k // small_o.split_k >= fp8_gemm.MIN_SLICE_STEPS
+    assert gemm_config(m, 4096, cuda, 1024, FP8_DTYPE).split_k == 1       # Qwen3-0.6B's qkv: K too short
+
+
+def test_split_k_on_and_off_agree():
+    """The heuristic's config (a split at this shape, under the interpreter's 8 SMs and on a GPU) and the
+    same without the split: both within the bound (they differ only in the order of the fp32 sums)."""
+    x, w, _, b = make_operands(3, 40, 2048, torch.float32, True, seed=7, quantized=False)
+    assert gemm_config(3, 40, x.device, 2048, w.dtype).split_k > 1
+    for y in (weight_gemm_triton(x, w, b), weight_gemm_triton(x, w, b, split_k=1)):
+        assert_within_fp32_sum_error(y, x, w, None, b)
 
 
 def fp8_layer(dtype, bias, seed=0):
