@@ -21,8 +21,8 @@ The Triton path serves a packed batch that mixes prefill chunks and decodes in o
     longest query, and 128-row tiles on decode rows cost tensor-core time rivalling the KV reads.
 Variants of the tile loop, FlashAttention-2 style, for prefill-sized tiles: constexprs of the kernel, keywords
 of paged_attention_triton (VARIANT_KNOBS); a call that leaves one None gets PREFILL_VARIANT's value on
-prefill-sized tiles and off on decode tiles. All off as shipped (the loop as it was); bench/prefill_attention.py
-times each on an H100 against SDPA, and PREFILL_VARIANT takes the winners.
+prefill-sized tiles and off on decode tiles (their loop is unchanged); bench/prefill_attention.py times each on
+an H100 against SDPA, and PREFILL_VARIANT holds the winners (the first three).
   * fma_softmax: scores stay unscaled; the row max is scaled once per row and each score enters exp2 through
     one FMA (s * scale - max); unmasked tiles drop the guard for rows whose max is -inf (none is there);
   * k_row_major: K tiles load as [TILE_N, HEAD_DIM], in the cache's order, and enter the dot through tl.trans,
@@ -379,8 +379,12 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_f
         block_m, tile_n, warps, stages = max(16, min_m), 64 if head_dim <= 128 else 32, 4, 3
     elif rows <= 256:
         block_m, tile_n, warps, stages = max(64, min_m), 64, 4, 3
+    elif head_dim <= 128:
+        # 64 tokens x 4 heads a tile on 8 warps (bench/prefill_attention.py, H100, with PREFILL_VARIANT's loop:
+        # 4 x 4096 355 -> 417 TFLOP/s, 16 x 1024 254 -> 290, 2 x 8192 386 -> 446, against 128 rows on 4 warps)
+        block_m, tile_n, warps, stages = max(256, min_m), 64, 8, 3
     else:
-        block_m, tile_n, warps, stages = max(128, min_m), 64 if head_dim <= 128 else 32, 4, 3
+        block_m, tile_n, warps, stages = max(128, min_m), 32, 4, 3
     segments = 1
     if max_query_len == 1:
         programs = num_seqs * num_kv_heads
@@ -410,7 +414,9 @@ def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, d
 # paged_attention_triton. A call that leaves one None gets PREFILL_VARIANT's value on prefill-sized tiles
 # (BLOCK_M >= 64) and False on decode tiles, whose code is then today's; True or False forces it on any tiles.
 VARIANT_KNOBS = ("fma_softmax", "k_row_major", "dot_acc", "early_v", "hoist_table", "prefetch_table", "reverse_tiles")
-PREFILL_VARIANT = dict.fromkeys(VARIANT_KNOBS, False)
+# The H100 sweep's winner (bench/prefill_attention.py, RESULTS.md): the FlashAttention-2 loop (FMA softmax, K in
+# the cache's order, P @ V accumulating in the dot); the other knobs did not pay at the chosen tiles.
+PREFILL_VARIANT = {**dict.fromkeys(VARIANT_KNOBS, False), "fma_softmax": True, "k_row_major": True, "dot_acc": True}
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None, *,

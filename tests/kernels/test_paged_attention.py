@@ -199,11 +199,11 @@ def test_variants_fp8_cache(variant, block_size):
 
 def test_variant_defaults(monkeypatch):
     """Left None, a knob takes PREFILL_VARIANT's value on prefill-sized tiles only; decode tiles stay as they
-    were unless forced. As shipped, every default is off (today's kernel)."""
+    were unless forced."""
     import sys
     pa = sys.modules["kernels.paged_attention"]
-    assert not any(pa.PREFILL_VARIANT.values())
-    assert not any(pa._variant_constexprs(None, 128).values()) and not any(pa._variant_constexprs({}, 16).values())
+    assert pa._variant_constexprs(None, 128) == {name.upper(): on for name, on in pa.PREFILL_VARIANT.items()}
+    assert not any(pa._variant_constexprs({}, 16).values())
     monkeypatch.setitem(pa.PREFILL_VARIANT, "fma_softmax", True)
     assert pa._variant_constexprs(dict(fma_softmax=None), 64)["FMA_SOFTMAX"]
     assert not pa._variant_constexprs(dict(fma_softmax=None), 32)["FMA_SOFTMAX"]

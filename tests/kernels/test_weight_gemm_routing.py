@@ -1,7 +1,7 @@
 """backend.quantization.TRITON_BF16_GEMV_MAX_M: with the switch set, the unquantized projections of the Llama
 family (UnquantizedLinear) run the Triton weight-streaming kernel (kernels.fp8_gemm.weight_gemm_triton) for
 flattened M <= the switch on the Triton path, torch's GEMM above it and with the switch at 0; both give the
-same outputs within fp32 rounding. On CPU under the Triton interpreter (tests/kernels), fp32 weights."""
+same outputs within fp32 rounding (the tests set the switch; it ships at 16). On CPU under the Triton interpreter (tests/kernels), fp32 weights."""
 import pytest
 import torch
 
@@ -44,8 +44,9 @@ def test_switch_routes_small_m_to_the_kernel(monkeypatch, launches, bias):
     layer = fuse_linears(*parts).to(DEVICE)   # the fused projections are UnquantizedLinear too
     assert isinstance(layer, UnquantizedLinear)
     x = torch.randn(2, 2, 200, generator=g).to(DEVICE)   # flattened M = 4
+    monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 0)
     torch_path = layer(x)
-    assert launches == []                                 # the switch is off by default
+    assert launches == []                                 # the switch at 0: torch's GEMM
     monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 4)
     y = layer(x)
     assert launches == [(4, 200, 72)] and y.shape == (2, 2, 72)
@@ -81,6 +82,7 @@ def test_model_with_the_switch_gives_torch_logits(monkeypatch, launches, tiny_ch
     """Qwen2 (q/k/v with bias): every projection of both layers goes through the kernel at prefill and
     decode sizes, and the logits match torch's GEMM's."""
     path = tiny_checkpoints["qwen2"]
+    monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 0)
     torch_logits = forward_logits(path, launches)
     assert launches == []
     monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 64)
