@@ -3,7 +3,7 @@ torch SDPA (flash) on dense tensors; prints a markdown table.
 
     python3 bench/prefill_attention.py                 # every variant, bf16 cache (about 4 minutes on an H100)
     python3 bench/prefill_attention.py --fp8           # the same over an FP8 (e4m3) cache
-    python3 bench/prefill_attention.py --variants today,fa2 --configs 128x64x8x3,128x128x8x2
+    python3 bench/prefill_attention.py --variants off,fa2 --configs 128x64x8x3,128x128x8x2
 
 Shapes are bench_kernels.prefill_rows' (Llama-3-8B heads: 32 q, 8 kv, head_dim 128, bf16, block size 16;
 sequences x tokens 16 x 1024, 4 x 4096, 2 x 8192, each whole prompt new). The variants are combinations of
@@ -37,9 +37,10 @@ SHAPES = [(16, 1024), (4, 4096), (2, 8192)]   # (sequences, tokens); the table i
 SORT_SHAPE = 1
 
 FA2 = dict(fma_softmax=True, k_row_major=True, dot_acc=True)
-# name -> knobs; "today" is the kernel as it ships (every variant knob off)
+# name -> knobs, each variant spelled out whole (a knob left out is off, not PREFILL_VARIANT's); "off" is the
+# loop before the variants; the shipped default (heuristic config, PREFILL_VARIANT) runs first as "shipped"
 VARIANTS = {
-    "today": {},
+    "off": {},
     "fma": dict(fma_softmax=True),
     "k_rows": dict(k_row_major=True),
     "dot_acc": dict(dot_acc=True),
@@ -54,12 +55,13 @@ VARIANTS = {
     "fa2+reverse": dict(FA2, reverse_tiles=True),
     "all": dict.fromkeys(pa.VARIANT_KNOBS, True),
 }
-# (block_m, tile_n, num_warps, num_stages). 128 rows (32 tokens x 4 heads) on 4 warps is today's default;
+VARIANTS = {name: {**dict.fromkeys(pa.VARIANT_KNOBS, False), **knobs} for name, knobs in VARIANTS.items()}
+# (block_m, tile_n, num_warps, num_stages). 128 rows (32 tokens x 4 heads) on 4 warps was the default until the H100 sweep;
 # compiled for sm_90 it spills (255 registers), so most of the grid is 8 warps or 64 rows.
 WIDE_GRID = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
              (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (256, 64, 8, 3)]
 NARROW_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
-WIDE_VARIANTS = ("today", "fa2", "fa2+hoist", "all")   # the rest run over NARROW_GRID
+WIDE_VARIANTS = ("off", "fa2", "fa2+hoist", "all")   # the rest run over NARROW_GRID
 
 
 def shape_name(shape):
@@ -100,6 +102,18 @@ def sdpa_reference(case):
     return t, out.transpose(1, 2).reshape(-1, HQ, D)
 
 
+def other_sdpa_backends(case):
+    """{backend: ms} of SDPA left to choose its backend and forced to cuDNN's (None where it cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    times = {"default": ms(lambda: sdpa(case))}
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            times["cudnn"] = ms(lambda: sdpa(case))
+    except RuntimeError:
+        times["cudnn"] = None
+    return times
+
+
 def run_kernel(case, config=None, variant=None):
     knobs = dict(variant or {})
     if config is not None:
@@ -130,7 +144,7 @@ def resources(new_kernels):
 def time_config(cases, name, config, ref_out):
     """{shape: ms} of one variant and config (None where it failed), its resources and its error on cases[0]."""
     before = {id(k) for k in compiled_kernels()}
-    variant = VARIANTS[name]
+    variant = VARIANTS.get(name, {})   # "shipped": every knob left to the defaults
     times = {}
     try:
         out = run_kernel(cases[0], config, variant)
@@ -205,6 +219,9 @@ def main():
     for batch, n in shapes:
         case = make_case(batch, n, a.fp8)
         sdpa_ms[(batch, n)], out = sdpa_reference(case)
+        others = ", ".join(f"{name} {tflops((batch, n), t):.0f}" if t else f"{name} n/a"
+                           for name, t in other_sdpa_backends(case).items())
+        print(f"# SDPA other backends {batch}x{n}: {others} TFLOP/s", flush=True)
         if ref_out is None:
             ref_out = out
         del case["dense"], out   # SDPA's inputs are no longer needed
@@ -212,7 +229,7 @@ def main():
         print(f"# SDPA flash {batch}x{n}: {tflops((batch, n), sdpa_ms[(batch, n)]):.0f} TFLOP/s", flush=True)
     torch.cuda.empty_cache()
 
-    plan = [("today", None)]   # the shipped default: heuristic config, no variant
+    plan = [("shipped", None)]   # the shipped default: heuristic config, PREFILL_VARIANT
     for name in names:
         grid = a.configs or (WIDE_GRID if name in WIDE_VARIANTS and not a.quick else NARROW_GRID)
         plan += [(name, config) for config in grid]
