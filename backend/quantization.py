@@ -26,12 +26,6 @@ the last bits from the same token in a larger batch, as with any M-dependent GEM
 Unquantized projections (UnquantizedLinear, vLLM's UnquantizedLinearMethod) run torch's GEMM (cuBLAS), or
 the same Triton weight-streaming kernel on their weights in the model's dtype (kernels.fp8_gemm.weight_gemm)
 on CUDA when the flattened M is at most TRITON_BF16_GEMV_MAX_M (0: off).
-
-A projection that streams its weight so (UnquantizedLinear under TRITON_BF16_GEMV_MAX_M, Fp8Linear's W8A16
-path) at most TRITON_GEMV_PROLOGUE_MAX_M rows also runs the op before it in its kernel's prologue, saving
-that op's launch (kernels.fp8_gemm): the down projection takes the gate_up output and applies SiLU-and-mul
-itself (forward_gated). takes_fused_input is the one place that decides; the outputs are the same bits as
-the op's kernel followed by the GEMM.
 """
 from typing import NamedTuple
 
@@ -60,13 +54,6 @@ TRITON_W8A16_MAX_M = 32
 # M is a shape, so the choice is fixed per captured CUDA graph.
 TRITON_BF16_GEMV_MAX_M = 16
 
-# Largest flattened M at which a weight-streaming projection (above) also runs the op before it in the kernel's
-# prologue (takes_fused_input). Every program of the GEMM recomputes the op for its rows while it streams its
-# weight tiles, which is cheap for one row (M = 1: the math runs on that row only) but grows with M: on rows
-# 2..16 it runs on the 16 rows of the dot's tile, which costs conversion-bound e4m3 programs issue slots. 1
-# (single-request decode) until bench/fp8_gemm.py --fused on the H100 says more rows win; 0: off.
-TRITON_GEMV_PROLOGUE_MAX_M = 1
-
 # cuBLASLt's FP8 fast accumulation (the tensor cores' partial sums are not promoted to fp32 every few
 # K steps), as vLLM's Hopper FP8 GEMMs run. H100 (bench/fp8_gemm.py): gate_up 68 -> 59 us at M = 256,
 # 1669 -> 1418 us at 8192; W8 offline FP8 12,836-12,995 -> 13,550 tok/s in one call; within the GPU
@@ -93,52 +80,20 @@ def scaled_mm(x_fp8, x_scale, weight, weight_scale, out_dtype):
     return y.to(out_dtype)
 
 
-def num_rows(x: torch.Tensor) -> int:
-    """The flattened M of a projection's input [..., K]."""
-    return x.numel() // x.shape[-1]
-
-
-def takes_weight_gemm(x: torch.Tensor) -> bool:
-    """Whether unquantized_gemm(x, ...) runs the Triton weight-streaming kernel (kernels.fp8_gemm.weight_gemm)."""
-    return 0 < num_rows(x) <= TRITON_BF16_GEMV_MAX_M and kernels.use_triton(x)
-
-
 def unquantized_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias), all in one dtype: torch's GEMM, or the Triton weight-streaming
     kernel for at most TRITON_BF16_GEMV_MAX_M rows on the Triton path."""
-    if takes_weight_gemm(x):
-        return weight_gemm(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    rows = x.reshape(-1, x.shape[-1])
+    if 0 < rows.shape[0] <= TRITON_BF16_GEMV_MAX_M and kernels.use_triton(rows):
+        return weight_gemm(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
-class FusedInputLinear:
-    """What the projections share whose small-M GEMM is the Triton weight-streaming kernel: running the op
-    before them in that kernel's prologue. A class supplies streams_weight(x) (whether forward(x) takes the
-    kernel) and _stream(rows, **prologue) (the kernel on 2-D rows, prologue options as kernels.fp8_gemm's)."""
-
-    def takes_fused_input(self, x: torch.Tensor) -> bool:
-        """Whether this projection runs the op before it in its own kernel's prologue on x's rows (x: the
-        input that op would get; for forward_gated the gate_up output): the one place that decides."""
-        return num_rows(x) <= TRITON_GEMV_PROLOGUE_MAX_M and self.streams_weight(x)
-
-    def forward_gated(self, h: torch.Tensor) -> torch.Tensor:
-        """self(silu_and_mul(h)) for h = [gate | up] [..., 2K] (a gate_up output), in one launch: the kernel
-        makes silu(gate) * up in its prologue, the same bits as kernels.silu_and_mul (vLLM's SiluAndMul)."""
-        y = self._stream(h.reshape(-1, h.shape[-1]), gated=True)
-        return y.reshape(*h.shape[:-1], self.out_features)
-
-
-class UnquantizedLinear(FusedInputLinear, nn.Linear):
+class UnquantizedLinear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint names) whose GEMM is unquantized_gemm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return unquantized_gemm(x, self.weight, self.bias)
-
-    def streams_weight(self, x: torch.Tensor) -> bool:
-        return takes_weight_gemm(x)
-
-    def _stream(self, rows: torch.Tensor, **prologue) -> torch.Tensor:
-        return weight_gemm(rows, self.weight, self.bias, **prologue)
 
 
 class Fp8Activation(NamedTuple):
@@ -151,7 +106,7 @@ class Fp8Activation(NamedTuple):
         return self.data.shape
 
 
-class Fp8Linear(FusedInputLinear, nn.Module):
+class Fp8Linear(nn.Module):
     """y = x @ (weight * weight_scale[:, None]).T + bias, with x quantized per token."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -194,14 +149,7 @@ class Fp8Linear(FusedInputLinear, nn.Module):
     def quantizes_input(self, x: torch.Tensor) -> bool:
         """Whether forward(x) would quantize x per token on the Triton path (W8A8): the op before may do
         it in its own launch instead and hand over an Fp8Activation."""
-        return kernels.use_triton(x) and not self._takes_w8a16(num_rows(x))
-
-    def streams_weight(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) runs the Triton W8A16 kernel (kernels.fp8_weight_gemm)."""
-        return kernels.use_triton(x) and 0 < num_rows(x) and self._takes_w8a16(num_rows(x))
-
-    def _stream(self, rows: torch.Tensor, **prologue) -> torch.Tensor:
-        return kernels.fp8_weight_gemm(rows, self.weight, self.weight_scale, self.bias, **prologue)
+        return kernels.use_triton(x) and not self._takes_w8a16(x.numel() // x.shape[-1])
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):   # quantized by the op before
@@ -211,8 +159,9 @@ class Fp8Linear(FusedInputLinear, nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             if not rows.shape[0]:
                 return x.new_empty(*lead, self.out_features)
-            if self.streams_weight(rows):
-                return self._stream(rows.to(self.out_dtype)).reshape(*lead, self.out_features)
+            if kernels.use_triton(rows) and self._takes_w8a16(rows.shape[0]):
+                y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
+                return y.reshape(*lead, self.out_features)
             x_fp8, x_scale = quantize_rows(rows)
         y = scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.out_dtype)
         if self.bias is not None:

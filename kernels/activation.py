@@ -1,7 +1,3 @@
-"""SiLU-and-mul: y = silu(gate) * up for x = [gate | up] on the last dim, fp32 inside, rounded to x's dtype.
-_silu_and_mul_at is the math every kernel that makes y runs (this module's, and kernels.fp8_gemm's down
-projection prologue, which forms y on the fly from the gate_up output): the same fp32 operations, so the
-same bits."""
 from __future__ import annotations
 
 import torch
@@ -21,21 +17,14 @@ def silu_and_mul_ref(x):
 
 
 @lazy_jit
-def _silu_and_mul_at(gate_ptrs, d, mask):
-    """silu(gate) * up in fp32, gate at gate_ptrs and up d elements after it (rows of [gate | up]); 0 where
-    masked."""
-    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + d, mask=mask, other=0.0).to(tl.float32)
-    return gate / (1.0 + tl.exp(-gate)) * up
-
-
-@lazy_jit
 def _silu_and_mul_kernel(x_ptr, y_ptr, d, x_stride, BLOCK: tl.constexpr):
     """Grid (rows, cdiv(d, BLOCK)); fp32 inside; y contiguous [rows, d]."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    y = _silu_and_mul_at(x_ptr + row * x_stride + cols, d, mask)
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    y = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(y_ptr + row * d + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,7 +58,10 @@ def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: 
     it, rounded to x's dtype, then quantized to FP8 with the row's own scale (kernels.fp8)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    y = _silu_and_mul_at(x_ptr + row * x_stride + cols, d, cols < d).to(x_ptr.dtype.element_ty).to(tl.float32)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
     _quantize_row_fp8(y, y_ptr, scale_ptr, row, d, BLOCK)
 
 

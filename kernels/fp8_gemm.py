@@ -15,11 +15,6 @@ takes enough loads in flight on every SM. The kernel
   * converts each e4m3 tile to x's dtype in registers (exact: every e4m3 value is a bf16, fp16 and fp32
     value) for a tensor-core dot with M padded to 16 rows (free: memory-bound), accumulating in fp32;
   * applies the per-channel scale once to the fp32 sum, adds the bias in fp32, casts once.
-Prologue (gated): the kernel may make x from the op before the GEMM instead of loading it, saving that op's
-launch: with gated, x is the gate_up output [M, 2K] and the GEMM reads silu(gate) * up, made per tile with
-kernels.activation's math (the same jit helper) and rounded to x's dtype as silu_and_mul stores it, so the
-output is bit-identical to silu_and_mul followed by the GEMM. Every program makes its own tiles (split-K
-slices theirs); at M = 1 the math runs on that one row, which the dot's 15 padding rows get as zeros.
 The heuristic (gemm_config) first picks the N tiling (from the H100 sweeps), then splits K where that alone
 leaves too few programs: for e4m3 under 1.5 per SM (Llama-3-8B's qkv, o and down at M <= 16: 96-128
 programs on the H100's 132 SMs), with the smallest power of two that reaches 2 (so 2-4 programs per SM);
@@ -36,7 +31,6 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.activation import _silu_and_mul_at, silu_and_mul_ref
 from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
 from kernels.fp8 import FP8_DTYPE
 
@@ -98,26 +92,11 @@ def _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, o
 
 
 @lazy_jit
-def _prologue_tile(x_ptr, x_offs, k, mask, m_ok, SILU_AND_MUL: tl.constexpr, INPUT_ROWS: tl.constexpr):
-    """The x tile [BLOCK_M, BLOCK_K] in x's dtype that the op before the GEMM would have stored for the GEMM to
-    load, made here from that op's input: silu(gate) * up of x = [gate | up] (SILU_AND_MUL). x_offs and mask
-    cover the rows made (INPUT_ROWS): BLOCK_M, or one (M = 1) broadcast into the dot's padding rows as zeros,
-    so that those rows cost no math (they are zeros either way: masked loads, or made from masked loads)."""
-    if SILU_AND_MUL:
-        x = _silu_and_mul_at(x_ptr + x_offs, k, mask)
-    x = x.to(x_ptr.dtype.element_ty)
-    if INPUT_ROWS == 1:
-        x = tl.where(m_ok[:, None], x, 0.0).to(x_ptr.dtype.element_ty)
-    return x
-
-
-@lazy_jit
 def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, m, n, k, k_per_split,
                           x_stride, w_stride, out_stride,
                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                          SILU_AND_MUL: tl.constexpr, INPUT_ROWS: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -125,9 +104,6 @@ def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
     n_ok, m_ok = offs_n < n, offs_m < m
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride + offs_k[None, :]          # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * w_stride + offs_k[:, None]          # [BLOCK_K, BLOCK_N]
-    # A prologue makes x from INPUT_ROWS rows of its input (BLOCK_M, or 1 at M = 1)
-    offs_in = tl.program_id(1) * BLOCK_M + tl.arange(0, INPUT_ROWS)
-    in_offs = offs_in.to(tl.int64)[:, None] * x_stride + offs_k[None, :]              # [INPUT_ROWS, BLOCK_K]
     # This program's K slice; k_per_split is a multiple of BLOCK_K, so only the last step of the last
     # slice is partial, and masks on K alone suffice.
     k_start = split * k_per_split
@@ -135,11 +111,7 @@ def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k + k0 < k   # every load masked on K: the row past K is another row's (or no) memory
-        if SILU_AND_MUL:
-            x = _prologue_tile(x_ptr, in_offs + k0, k, (offs_in < m)[:, None] & k_ok[None, :], m_ok,
-                               SILU_AND_MUL, INPUT_ROWS)
-        else:
-            x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot_tile(acc, x, w, HAS_SCALE, DOT_PRECISION, UPCAST_DOT)
     if SPLIT_K == 1:
@@ -224,9 +196,8 @@ def k_slices(k: int, split_k: int, block_k: int) -> tuple[int, int]:
     return per_split, max(1, cdiv(k, per_split))
 
 
-def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, gated: bool = False) -> torch.Tensor:
-    """gated: x is [M, 2K] = [gate | up], and the GEMM's x is silu(gate) * up, made in its prologue."""
-    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict) -> torch.Tensor:
+    m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -234,7 +205,6 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, gated: bool 
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert weight.stride(-1) == 1 and weight.shape[1] == k and (bias is None or bias.is_contiguous())
-    assert not gated or x.shape[1] == 2 * k, "a gated x is [gate | up]: 2K wide"
     assert weight_scale is not None or weight.dtype == x.dtype, "an unquantized weight must be in x's dtype"
     config = gemm_config(m, n, x.device, k, weight.dtype)
     config = config._replace(**{name: v for name, v in knobs.items() if v is not None})
@@ -251,7 +221,6 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, gated: bool 
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
         # Triton's interpreter multiplies bf16 operands' storage bits in tl.dot: run those dots in fp32 there
         UPCAST_DOT=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        SILU_AND_MUL=gated, INPUT_ROWS=1 if m == 1 else config.block_m,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         _split_k_reduce_kernel[(cdiv(n, REDUCE_BLOCK_N), m)](
@@ -259,37 +228,30 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, gated: bool 
     return out
 
 
-def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, gated=False, split_k=None, block_n=None,
-                           block_k=None, num_warps=None, num_stages=None):
+def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, split_k=None, block_n=None, block_k=None,
+                           num_warps=None, num_stages=None):
     """The keyword-only knobs override the heuristic (tests force tile shapes with them; bench sweeps them)."""
     assert weight_scale.is_contiguous()
     return _weight_stream_gemm(x, weight, weight_scale, bias, dict(
-        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages), gated)
+        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
 
 
-def weight_gemm_triton(x, weight, bias=None, *, gated=False, split_k=None, block_n=None, block_k=None,
-                       num_warps=None, num_stages=None):
+def weight_gemm_triton(x, weight, bias=None, *, split_k=None, block_n=None, block_k=None, num_warps=None,
+                       num_stages=None):
     """weight_gemm's kernel; the knobs as fp8_weight_gemm_triton's."""
     return _weight_stream_gemm(x, weight, None, bias, dict(
-        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages), gated)
+        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
 
 
-def _gemm_input_ref(x, gated: bool):
-    return silu_and_mul_ref(x) if gated else x
-
-
-def fp8_weight_gemm(x, weight, weight_scale, bias=None, *, gated=False):
-    """x [M, K] (bf16/fp16/fp32) with e4m3 weight [N, K] and fp32 weight_scale [N] -> [M, N] in x's dtype.
-    gated: x is a gate_up output [M, 2K] and the GEMM reads silu_and_mul(x), made in the kernel's prologue
-    (the same bits as kernels.silu_and_mul followed by the GEMM; one launch)."""
+def fp8_weight_gemm(x, weight, weight_scale, bias=None):
+    """x [M, K] (bf16/fp16/fp32) with e4m3 weight [N, K] and fp32 weight_scale [N] -> [M, N] in x's dtype."""
     if use_triton(x):
-        return fp8_weight_gemm_triton(x, weight, weight_scale, bias, gated=gated)
-    return fp8_weight_gemm_ref(_gemm_input_ref(x, gated), weight, weight_scale, bias)
+        return fp8_weight_gemm_triton(x, weight, weight_scale, bias)
+    return fp8_weight_gemm_ref(x, weight, weight_scale, bias)
 
 
-def weight_gemm(x, weight, bias=None, *, gated=False):
-    """x [M, K] @ weight [N, K].T (+ bias), both in one dtype (bf16/fp16/fp32) -> [M, N] in that dtype.
-    gated: as fp8_weight_gemm's."""
+def weight_gemm(x, weight, bias=None):
+    """x [M, K] @ weight [N, K].T (+ bias), both in one dtype (bf16/fp16/fp32) -> [M, N] in that dtype."""
     if use_triton(x):
-        return weight_gemm_triton(x, weight, bias, gated=gated)
-    return weight_gemm_ref(_gemm_input_ref(x, gated), weight, bias)
+        return weight_gemm_triton(x, weight, bias)
+    return weight_gemm_ref(x, weight, bias)

@@ -176,14 +176,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.gate_up_proj(x)
-        down = self.down_proj
-        if down.takes_fused_input(h):   # the activation in the down projection's GEMM: one launch
-            y = down.forward_gated(h)
-        elif isinstance(down, Fp8Linear) and down.quantizes_input(h):
-            y = down(Fp8Activation(*kernels.silu_and_mul_quant_fp8(h)))   # activation and quantization, one launch
+        if isinstance(self.down_proj, Fp8Linear) and self.down_proj.quantizes_input(h):
+            h = Fp8Activation(*kernels.silu_and_mul_quant_fp8(h))   # activation and quantization, one launch
         else:
-            y = down(kernels.silu_and_mul(h))
-        return parallel.all_reduce(y)   # row-parallel: sum the ranks' parts
+            h = kernels.silu_and_mul(h)
+        return parallel.all_reduce(self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):

@@ -16,10 +16,6 @@ interpreter reads e4m3's NaN as 480, and 0 (the masked x) x 480 is 0; unquantize
 which checks it everywhere. Split-K, tried: the reduce dropping the last partial, or reading slice 0's for
 every slice; every slice's partial written to slice 0's rows; slices overlapping by a K step; the reduce
 without the bias, or without the scale: 39 to 79 of 250 cases fail (the others do not split).
-Prologues (the op before the GEMM made in the kernel: silu_and_mul with gated) are held to torch.equal
-against the op's kernel followed by the GEMM. Tried: up read one column off; the product of gate and up
-without silu; the K mask dropped from the prologue's loads: every case, or all but the 18 whose K is one
-whole step, fails.
 """
 import pytest
 import torch
@@ -29,7 +25,6 @@ import kernels
 from kernels.fp8 import FP8_DTYPE
 import kernels.fp8_gemm as fp8_gemm
 from kernels.dispatch import cdiv
-from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from kernels.fp8_gemm import (fp8_weight_gemm_ref, fp8_weight_gemm_triton, gemm_config, k_slices, weight_gemm,
                               weight_gemm_ref, weight_gemm_triton)
 from tests.kernels.kernel_testing import DEVICE, ON_GPU
@@ -235,59 +230,3 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
         return   # CPU _scaled_mm has no bf16 row-wise path to compare with (the model's CPU dtype is fp32)
     layer(torch.randn(5, 200, generator=g).to(device=DEVICE, dtype=dtype))   # M = 5 > threshold: W8A8
     assert launches == [(4, 200)]
-
-
-# ---- the op before the GEMM in its prologue ----------------------------------------------------------------
-# The kernel makes x from the op's input with that op's kernel's fp32 math (the same jit helpers), rounded to
-# x's dtype where that kernel stores it, and then runs the same GEMM (config, split and sums from the shapes,
-# which are the same): so the same bits as the op's kernel followed by the GEMM, compiled or interpreted, and
-# the tests hold them to torch.equal. (The GEMM itself is held to fp32 math above.)
-
-PROLOGUE_SHAPES = [(50, 301), (33, 64), (40, 2049)]   # (N, K): odd K, one K step, a K the heuristic splits
-PROLOGUE_KNOBS = [{}, dict(split_k=1), dict(split_k=4, block_k=64, block_n=32)]   # heuristic; no split; split
-
-
-def nan_padded(rows, cols, dtype, g, scale=1.0, pad=5):
-    """A [rows, cols] view of a NaN-padded tensor: values past any edge are NaN."""
-    full = torch.full((rows + pad, cols + pad), float("nan"), dtype=dtype)
-    full[:rows, :cols] = (torch.randn(rows, cols, generator=g) * scale).to(dtype)
-    return full.to(DEVICE)[:rows, :cols]
-
-
-def weight_operands(n, k, dtype, quantized, seed):
-    _, w, scale, b = make_operands(1, n, k, dtype, bias=True, seed=seed, quantized=quantized)
-    return w, scale, b
-
-
-@pytest.mark.parametrize("knobs", PROLOGUE_KNOBS)
-@pytest.mark.parametrize("quantized", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n,k", PROLOGUE_SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 16])
-def test_silu_and_mul_prologue_is_silu_and_mul_then_the_gemm(m, n, k, dtype, quantized, knobs):
-    """gated: x = [gate | up] [M, 2K] (a gate_up output, NaN past its edges); the GEMM of silu(gate) * up."""
-    g = torch.Generator().manual_seed(m * k + n)
-    x = nan_padded(m, 2 * k, dtype, g, scale=3.0)
-    w, scale, b = weight_operands(n, k, dtype, quantized, seed=k)
-    fused = gemm(quantized, x, w, scale, b, gated=True, **knobs)
-    unfused = gemm(quantized, silu_and_mul_triton(x), w, scale, b, **knobs)
-    assert fused.shape == (m, n) and not torch.isnan(fused).any()
-    assert torch.equal(fused, unfused)
-
-
-@pytest.mark.parametrize("quantized", [True, False])
-def test_silu_and_mul_prologue_public_entry_points(quantized):
-    """weight_gemm / fp8_weight_gemm with gated=True: the kernel here, the references' composition with
-    LLM_KERNELS=reference (within the fp32-sum bound of the same x)."""
-    g = torch.Generator().manual_seed(1)
-    x = nan_padded(2, 2 * 97, torch.float32, g)
-    w, scale, b = weight_operands(40, 97, torch.float32, quantized, seed=3)
-
-    def public(x_):
-        return kernels.fp8_weight_gemm(x_, w, scale, b, gated=True) if quantized else weight_gemm(x_, w, b, gated=True)
-
-    assert torch.equal(public(x), gemm(quantized, silu_and_mul_triton(x), w, scale, b))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLM_KERNELS", "reference")
-        ref = public(x)
-    assert_within_fp32_sum_error(ref, silu_and_mul_ref(x), w, scale, b)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import backend.quantization as quantization
-import kernels
 import kernels.fp8_gemm as fp8_gemm
 from backend.model_runner import ModelRunner
 from backend.models.llama import fuse_linears
@@ -57,11 +56,11 @@ def test_switch_routes_small_m_to_the_kernel(monkeypatch, launches, bias):
     assert launches == [(4, 200, 72)]
 
 
-def forward_logits(path, launches, steps=3, **params):
+def forward_logits(path, launches, steps=3):
     """Logits of a prefill of 3 prompts, then decode steps of the three (M = 3) feeding fixed tokens; eager
     (on a GPU too: each launch is counted)."""
     runner = ModelRunner(engine_config(path, num_gpu_blocks_override=32, max_num_seqs=4, max_num_batched_tokens=64,
-                                       dtype="float32", device=DEVICE.type, enforce_eager="true", **params))
+                                       dtype="float32", device=DEVICE.type, enforce_eager="true"))
     launches.clear()   # those of the runner's start (on CUDA its warm-up runs forwards)
     seqs = []
     for i, p in enumerate(prompt_set(3, seed=2)):
@@ -92,39 +91,3 @@ def test_model_with_the_switch_gives_torch_logits(monkeypatch, launches, tiny_ch
     assert prefill == [3, sum(len(p) for p in prompt_set(3, seed=2))]
     assert len(launches) == 3 * 2 * 4          # steps x layers x (qkv, o, gate_up, down)
     torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-4, atol=1e-4)
-
-
-# ---- the op before a projection in its kernel's prologue (TRITON_GEMV_PROLOGUE_MAX_M) -----------------------
-
-@pytest.fixture
-def prologues(monkeypatch):
-    """Launch events in order: the prologue of each weight-streaming GEMM ("gemm", None or "gated"), and
-    ("silu_and_mul",) for each launch of an op a prologue replaces."""
-    events = []
-    for name in ("weight_gemm_triton", "fp8_weight_gemm_triton"):
-        def counted(*args, _kernel=getattr(fp8_gemm, name), gated=False, **knobs):
-            events.append(("gemm", "gated" if gated else None))
-            return _kernel(*args, gated=gated, **knobs)
-        monkeypatch.setattr(fp8_gemm, name, counted)
-    silu_and_mul = kernels.silu_and_mul
-    monkeypatch.setattr(kernels, "silu_and_mul", lambda h: events.append(("silu_and_mul",)) or silu_and_mul(h))
-    return events
-
-
-@pytest.mark.parametrize("weights", ["unquantized", "fp8"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_model_with_fused_prologues_gives_the_same_logits(monkeypatch, prologues, tiny_checkpoints, arch, weights):
-    """Every projection streaming its weight (the unquantized switch at 64 rows; fp8: W8A16 up to 32 rows,
-    so the prefill of 22 rows too): the prologues on (at every M) and off give the same logits, bit for bit;
-    on, no SiLU-and-mul launches, and each layer's down projection takes the gated input at every step."""
-    params = {"quantization": "fp8"} if weights == "fp8" else {}
-    path = tiny_checkpoints[arch]
-    monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 64)
-    monkeypatch.setattr(quantization, "TRITON_GEMV_PROLOGUE_MAX_M", 0)
-    unfused = forward_logits(path, prologues, **params)
-    assert ("gemm", "gated") not in prologues and ("silu_and_mul",) in prologues
-    monkeypatch.setattr(quantization, "TRITON_GEMV_PROLOGUE_MAX_M", 64)
-    fused = forward_logits(path, prologues, **params)
-    steps, layers = 3, 2
-    assert ("silu_and_mul",) not in prologues and prologues.count(("gemm", "gated")) == steps * layers
-    assert torch.equal(fused, unfused)
