@@ -28,6 +28,7 @@ shapes (no split) at M <= 64, a column of the table.
     python bench/fp8_gemm.py [--m 1 16 64 256 8192] [--models llama3-8b qwen3-0.6b] [--copy-bw 3.0e12]
     python bench/fp8_gemm.py --sweep [--sweep-m 1] --m   # the split-K sweep only (no table)
     python bench/fp8_gemm.py --m 1 16 --sweep            # the table at M = 1, 16, then the sweep
+    python bench/fp8_gemm.py --m --variants 1 16         # the e4m3 kernel's variants (see VARIANTS)
 """
 import argparse
 import os
@@ -41,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backend import quantization  # noqa: E402
 from backend.quantization import Fp8Linear, quantize_rows  # noqa: E402
-from kernels.fp8_gemm import (fp8_weight_gemm_ref, fp8_weight_gemm_triton, gemm_config, k_slices,  # noqa: E402
-                              weight_gemm_ref, weight_gemm_triton)
+from kernels.fp8_gemm import (CONVERTS, fp8_w8a8_gemm_ref, fp8_w8a8_gemm_triton, fp8_weight_gemm_ref,  # noqa: E402
+                              fp8_weight_gemm_triton, gemm_config, k_slices, weight_gemm_ref, weight_gemm_triton)
 from bench.shapes import SHAPES  # noqa: E402
 
 
@@ -299,6 +300,60 @@ def print_split_sweep(m: int, top: int = 5):
               f"| {tb * 1e3:.1f} | {weight_bytes / tb / 1e9:.2f} | {cb} |", flush=True)
 
 
+# --variants: the e4m3 kernel's variants, each over VARIANT_TILES (split_k, block_n, K step in bytes), 3 stages
+VARIANTS = [(f"w8a16 {CONVERTS[c]}{' swap' if swap else ''}", False, dict(convert=c, swap_ab=swap))
+            for swap in (False, True) for c in sorted(CONVERTS)] + \
+           [(f"w8a8{' swap' if swap else ''}", True, dict(swap_ab=swap)) for swap in (False, True)]
+VARIANT_TILES = [(split, bn, bk) for split in (1, 2, 4) for bn in (32, 64, 128) for bk in (128, 512)]
+
+
+def variant_sweep(ms: list[int], top: int = 3):
+    """Each variant of the e4m3 weight stream (VARIANTS) at each M over Llama-3-8B's projections: the best
+    of VARIANT_TILES per projection, and the sum over the four (one layer's GEMMs)."""
+    start = time.time()
+    summary = {}
+    for m in ms:
+        for name, k, n in projections("llama3-8b"):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+            x_fp8, x_scale = quantize_rows(x)
+            layers = [f for _, f in make_layers(k, n, weight_copies(k, n), g)]
+            weight_bytes = n * k + 4 * n
+            refs = {False: fp8_weight_gemm_ref(x, layers[0].weight, layers[0].weight_scale),
+                    True: fp8_w8a8_gemm_ref(x_fp8, x_scale, layers[0].weight, layers[0].weight_scale)}
+            quant_ms = time_ms([lambda: quantize_rows(x)] * 8, SWEEP_ITERS, True)
+            print(f"# llama3-8b {name} M={m} (K={k}, N={n}): per-token quantization of x alone {quant_ms * 1e3:.1f} us")
+            for label, w8a8, variant in VARIANTS:
+                def run(f, **kw):
+                    if w8a8:
+                        return fp8_w8a8_gemm_triton(x_fp8, x_scale, f.weight, f.weight_scale, **variant, **kw)
+                    return fp8_weight_gemm_triton(x, f.weight, f.weight_scale, **variant, **kw)
+                results = []
+                with torch.inference_mode():
+                    for split, bn, bk in VARIANT_TILES:
+                        knobs = dict(split_k=split, block_n=bn, block_k=bk, num_stages=3)
+                        if split > 1 and k_slices(k, split, bk)[1] < split:
+                            continue
+                        try:
+                            check_against(run(layers[0], **knobs), refs[w8a8], f"{label} {knobs}")
+                            results.append((time_ms([lambda f=f: run(f, **knobs) for f in layers], SWEEP_ITERS, True),
+                                            config_label(split, bn, bk, 3)))
+                        except Exception as e:   # out of shared memory, or an unsupported dot
+                            print(f"#   {label} {knobs}: {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
+                results.sort()
+                for t, cfg in results[:top]:
+                    print(f"#   {label:34s} {t * 1e3:7.1f} us  {weight_bytes / t / 1e9:5.2f} TB/s  {cfg}", flush=True)
+                if results:
+                    summary.setdefault((m, label), []).append(results[0][0])
+    print(f"\n# e4m3 variants, Llama-3-8B, best tiles per projection, sum of qkv + o + gate_up + down "
+          f"({time.time() - start:.0f} s)")
+    print("| M | variant | layer GEMMs (us) |")
+    print("|---|---|---|")
+    for (m, label), times in summary.items():
+        total = f"{sum(times) * 1e3:.1f}" if len(times) == 4 else "incomplete"
+        print(f"| {m} | {label} | {total} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 8192],
@@ -310,6 +365,8 @@ def main():
                     help="the split-K sweep (split_k x block_n x block_k x stages) at --sweep-m, Llama-3-8B, "
                          "e4m3 and bf16 weights")
     ap.add_argument("--sweep-m", type=int, default=1)
+    ap.add_argument("--variants", type=int, nargs="*",
+                    help="the e4m3 kernel's variants (conversions, swapped dot, W8A8) at these M")
     ap.add_argument("--sweep-tiles", action="store_true",
                     help="the table's last column: tile shapes of the W8A16 kernel (no split) at M <= 64")
     a = ap.parse_args()
@@ -321,6 +378,8 @@ def main():
         print_table(a.models, a.m, a.copy_bw, a.sweep_tiles)
     if a.sweep:
         print_split_sweep(a.sweep_m)
+    if a.variants:
+        variant_sweep(a.variants)
 
 
 if __name__ == "__main__":

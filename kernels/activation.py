@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import cdiv, lazy_jit, next_pow2, use_triton
+from kernels.pdl import pdl, pdl_wait
 from kernels.fp8 import _quantize_row_fp8, launch_per_token_quant_fp8
 from kernels.quant_fp8 import per_token_quant_fp8_ref
 
@@ -17,8 +18,9 @@ def silu_and_mul_ref(x):
 
 
 @lazy_jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, d, x_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, y_ptr, d, x_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Grid (rows, cdiv(d, BLOCK)); fp32 inside; y contiguous [rows, d]."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -42,7 +44,7 @@ def silu_and_mul_triton(x):
     if rows and d:
         block = min(1024, next_pow2(d))
         _silu_and_mul_kernel[(rows, cdiv(d, block))](x2, y, d, x2.stride(0), BLOCK=block,
-                                                             num_warps=4 if block >= 512 else 2)
+                                                             num_warps=4 if block >= 512 else 2, **pdl(x.device))
     return y
 
 
@@ -53,9 +55,10 @@ def silu_and_mul(x):
 
 
 @lazy_jit
-def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row, the whole row in registers: silu(gate) * up as _silu_and_mul_kernel computes
     it, rounded to x's dtype, then quantized to FP8 with the row's own scale (kernels.fp8)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, num_warps_for
+from kernels.pdl import pdl
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -68,5 +69,6 @@ def launch_per_token_quant_fp8(kernel, rows, n_cols, device, *args, **constexprs
     scale = torch.empty(rows, 1, dtype=torch.float32, device=device)
     if rows:
         block = next_pow2(n_cols)
-        kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, num_warps=num_warps_for(block), **constexprs)
+        kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, num_warps=num_warps_for(block), **constexprs,
+                        **pdl(device))
     return y, scale

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
+from kernels.pdl import pdl, pdl_release, pdl_wait
 from kernels.fp8 import FP8_DTYPE
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -67,22 +68,48 @@ def _fp32_linear(x, w_fp32, bias):
 
 
 @lazy_jit
-def _dot_tile(acc, x, w, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N] in fp32; an e4m3 w converted to x's dtype first."""
+def _e4m3_to(w, dtype, CONVERT: tl.constexpr):
+    """e4m3 w in dtype, exactly (every e4m3 value is a bf16, fp16 and fp32 value), by one of the conversions
+    (CONVERTS) bench/fp8_gemm.py --convert times: the conversion, not the load, bounds the e4m3 stream."""
+    if CONVERT == 1:    # Triton's own e4m3 -> dtype
+        return w.to(dtype)
+    elif CONVERT == 2:  # e4m3's bits placed in fp32's: the value * 2^-120 (subnormals too), times 2^120
+        b = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+        f = (((b & 0x80) << 24) | ((b & 0x7F) << 20)).to(tl.float32, bitcast=True)
+        return (f * 1.329227995784916e36).to(dtype)
+    elif CONVERT == 3:  # the same in bf16's bits, times 2^120 in bf16 (x in bf16 only)
+        b = w.to(tl.uint8, bitcast=True).to(tl.uint16)
+        h = (((b & 0x80) << 8) | ((b & 0x7F) << 4)).to(tl.bfloat16, bitcast=True)
+        return h * 1.329227995784916e36
+    else:               # through fp32
+        return w.to(tl.float32).to(dtype)
+
+
+@lazy_jit
+def _dot_tile(acc, a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b in fp32."""
     if UPCAST_DOT:
-        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        if HAS_SCALE:
-            w = w.to(tl.float32).to(x.dtype)   # e4m3 -> x's dtype (exact), via fp32
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
 
 
 @lazy_jit
-def _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride,
-                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out[offs_m, offs_n] = (acc * scale + bias) cast to out's dtype: both in fp32, one rounding."""
+def _weight_operand(w, dtype, HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, CONVERT: tl.constexpr):
+    """The weight tile as the dot takes it: e4m3 as it is against an e4m3 x (W8A8), else in x's dtype."""
+    if HAS_SCALE and not X_FP8:
+        w = _e4m3_to(w, dtype, CONVERT)
+    return w
+
+
+@lazy_jit
+def _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride,
+                      HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[offs_m, offs_n] = (acc * x_scale * scale + bias) cast to out's dtype: in fp32, one rounding."""
     n_ok = offs_n < n
+    if X_FP8:   # x's per-token scales, [M, 1]
+        acc = acc * tl.load(x_scale_ptr + offs_m, mask=offs_m < m, other=0.0)[:, None]
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -92,11 +119,12 @@ def _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, o
 
 
 @lazy_jit
-def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, m, n, k, k_per_split,
+def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, m, n, k, k_per_split,
                           x_stride, w_stride, out_stride,
-                          HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                          CONVERT: tl.constexpr, SWAP_AB: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -108,14 +136,25 @@ def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
     # slice is partial, and masks on K alone suffice.
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    pdl_wait(PDL)
+    # SWAP_AB: out.T = W @ x.T, the weight tile the dot's wide operand (Hopper's wgmma wants >= 64 rows there,
+    # and takes that operand from registers, where an e4m3 tile is converted)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k + k0 < k   # every load masked on K: the row past K is another row's (or no) memory
         x = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot_tile(acc, x, w, HAS_SCALE, DOT_PRECISION, UPCAST_DOT)
+        w = _weight_operand(tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0), x.dtype,
+                            HAS_SCALE, X_FP8, CONVERT)
+        if SWAP_AB:
+            acc = _dot_tile(acc, tl.trans(w), tl.trans(x), DOT_PRECISION, UPCAST_DOT)
+        else:
+            acc = _dot_tile(acc, x, w, DOT_PRECISION, UPCAST_DOT)
+    pdl_release(PDL)   # the epilogue left: the next kernel's launch overlaps it
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE, HAS_BIAS)
+        _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE,
+                          X_FP8, HAS_BIAS)
     else:   # the fp32 partial of this slice: workspace [SPLIT_K, M, N], summed by _split_k_reduce_kernel
         rows = split * m + offs_m
         partial_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :]
@@ -123,10 +162,11 @@ def _weight_stream_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
 
 
 @lazy_jit
-def _split_k_reduce_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, m, n, out_stride,
-                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+def _split_k_reduce_kernel(partial_ptr, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, m, n, out_stride,
+                           HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """One row, BLOCK_N channels: the SPLIT_K partials summed in slice order (the same bits every run)."""
+    pdl_wait(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) + tl.arange(0, 1)
     n_ok = (offs_n < n)[None, :]
@@ -134,7 +174,8 @@ def _split_k_reduce_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, m, n, out_
     for s in tl.static_range(SPLIT_K):
         rows = s * m + offs_m   # row offs_m of slice s
         acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :], mask=n_ok, other=0.0)
-    _scale_bias_store(acc, offs_m, offs_n, m, n, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE, HAS_BIAS)
+    _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE,
+                      X_FP8, HAS_BIAS)
 
 
 class GemmConfig(NamedTuple):
@@ -144,6 +185,8 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int = 1
+    convert: int = 0        # e4m3 -> x's dtype: CONVERTS
+    swap_ab: bool = False   # the dot as out.T = W @ x.T
 
 
 def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
@@ -196,51 +239,78 @@ def k_slices(k: int, split_k: int, block_k: int) -> tuple[int, int]:
     return per_split, max(1, cdiv(k, per_split))
 
 
-def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict) -> torch.Tensor:
+# _e4m3_to's conversions, by the CONVERT constexpr (3 is for bf16 x only: others take 0)
+CONVERTS = {0: "through fp32", 1: "triton's cast", 2: "bits into fp32, x 2^120", 3: "bits into bf16, x 2^120"}
+KNOBS = ("split_k", "block_n", "block_k", "num_warps", "num_stages", "convert", "swap_ab")
+
+
+def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None, out_dtype=None) -> torch.Tensor:
+    """x_scale: x is e4m3 with per-token scales [M, 1] (W8A8), out in out_dtype; else out in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert weight.stride(-1) == 1 and weight.shape[1] == k and (bias is None or bias.is_contiguous())
     assert weight_scale is not None or weight.dtype == x.dtype, "an unquantized weight must be in x's dtype"
+    assert x_scale is None or (weight_scale is not None and x_scale.is_contiguous() and x_scale.numel() == m)
     config = gemm_config(m, n, x.device, k, weight.dtype)
     config = config._replace(**{name: v for name, v in knobs.items() if v is not None})
+    if config.convert == 3 and x.dtype != torch.bfloat16:
+        config = config._replace(convert=0)
     k_per_split, split_k = k_slices(k, config.split_k, config.block_k)
     # the workspace exists only for a split: partials in fp32, each [M, N] slice written whole
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     scale = weight_scale if weight_scale is not None else out   # never read when HAS_SCALE is off
     bias_arg = bias if bias is not None else out                 # never read when HAS_BIAS is off
-    flags = dict(HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k)
+    x_scale_arg = x_scale if x_scale is not None else out        # never read when X_FP8 is off
+    flags = dict(HAS_SCALE=weight_scale is not None, X_FP8=x_scale is not None, HAS_BIAS=bias is not None,
+                 SPLIT_K=split_k)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (cdiv(n, config.block_n), cdiv(m, config.block_m), split_k)
+    launch = pdl(x.device)
     _weight_stream_kernel[grid](
-        x, weight, scale, bias_arg, out, partial, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        x, x_scale_arg, weight, scale, bias_arg, out, partial, m, n, k, k_per_split, x.stride(0), weight.stride(0),
+        out.stride(0), **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        CONVERT=config.convert, SWAP_AB=config.swap_ab,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
-        # Triton's interpreter multiplies bf16 operands' storage bits in tl.dot: run those dots in fp32 there
-        UPCAST_DOT=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        # Triton's interpreter multiplies bf16 (and e4m3) operands' storage bits in tl.dot: run those dots in
+        # fp32 there
+        UPCAST_DOT=interpreted and (x.dtype == torch.bfloat16 or x_scale is not None),
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch)
     if split_k > 1:
         _split_k_reduce_kernel[(cdiv(n, REDUCE_BLOCK_N), m)](
-            partial, scale, bias_arg, out, m, n, out.stride(0), **flags, BLOCK_N=REDUCE_BLOCK_N, num_warps=4)
+            partial, x_scale_arg, scale, bias_arg, out, m, n, out.stride(0), **flags, BLOCK_N=REDUCE_BLOCK_N,
+            num_warps=4, **launch)
     return out
 
 
-def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, *, split_k=None, block_n=None, block_k=None,
-                           num_warps=None, num_stages=None):
-    """The keyword-only knobs override the heuristic (tests force tile shapes with them; bench sweeps them)."""
-    assert weight_scale.is_contiguous()
-    return _weight_stream_gemm(x, weight, weight_scale, bias, dict(
-        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, **knobs):
+    """W8A16. The keyword-only knobs (KNOBS) override the heuristic (tests force tile shapes and variants with
+    them; bench sweeps them)."""
+    assert weight_scale.is_contiguous() and set(knobs) <= set(KNOBS)
+    return _weight_stream_gemm(x, weight, weight_scale, bias, knobs)
 
 
-def weight_gemm_triton(x, weight, bias=None, *, split_k=None, block_n=None, block_k=None, num_warps=None,
-                       num_stages=None):
+def fp8_w8a8_gemm_triton(x_fp8, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16, **knobs):
+    """x_fp8 [M, K] e4m3 with per-token scales [M, 1] @ (weight [N, K] e4m3 * weight_scale [N]).T (+ bias) ->
+    [M, N] in out_dtype: the weight stream with an e4m3 x, no conversion in the loop (the dot takes e4m3)."""
+    assert weight_scale.is_contiguous() and set(knobs) <= set(KNOBS)
+    return _weight_stream_gemm(x_fp8, weight, weight_scale, bias, knobs, x_scale=x_scale, out_dtype=out_dtype)
+
+
+def fp8_w8a8_gemm_ref(x_fp8, x_scale, weight, weight_scale, bias=None, out_dtype=torch.bfloat16):
+    """(x_fp8 * x_scale) @ (weight * weight_scale).T (+ bias) in fp32, cast to out_dtype."""
+    return _fp32_linear(x_fp8.float() * x_scale.float(), weight.float() * weight_scale.float()[:, None],
+                        bias).to(out_dtype)
+
+
+def weight_gemm_triton(x, weight, bias=None, **knobs):
     """weight_gemm's kernel; the knobs as fp8_weight_gemm_triton's."""
-    return _weight_stream_gemm(x, weight, None, bias, dict(
-        split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+    assert set(knobs) <= set(KNOBS)
+    return _weight_stream_gemm(x, weight, None, bias, knobs)
 
 
 def fp8_weight_gemm(x, weight, weight_scale, bias=None):

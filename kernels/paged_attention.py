@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import lazy_jit, next_pow2, num_sms, use_triton
+from kernels.pdl import pdl, pdl_wait
 from kernels.fp8 import from_fp8_ref, is_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -264,7 +265,8 @@ def _paged_attention_kernel(
         NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr, KV_FP8: tl.constexpr,
         FMA_SOFTMAX: tl.constexpr, K_ROW_MAJOR: tl.constexpr, EARLY_V: tl.constexpr, DOT_ACC: tl.constexpr,
-        HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr, REVERSE_TILES: tl.constexpr):
+        HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr, REVERSE_TILES: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -354,8 +356,9 @@ def _paged_attention_kernel(
 
 @lazy_jit
 def _reduce_segments_kernel(out_ptr, seg_out_ptr, seg_max_ptr, seg_sum_ptr, num_q_heads, o_stride_t, o_stride_h,
-                            HEAD_DIM: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, Hq): combine the segments' partial outputs (empty segments have max -inf)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     segs = tl.arange(0, NUM_SEGMENTS)
@@ -509,11 +512,11 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
         UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache), **_variant_constexprs(variant, bm),
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **pdl(q.device))
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
             out, seg_out, seg_max, seg_sum, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4)
+            HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4, **pdl(q.device))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, use_triton
+from kernels.pdl import pdl_wait
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_AMAX, _quantize_row_fp8, launch_per_token_quant_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -22,8 +23,9 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @lazy_jit
-def _per_token_quant_kernel(y_ptr, scale_ptr, k, x_ptr, x_stride, BLOCK: tl.constexpr):
+def _per_token_quant_kernel(y_ptr, scale_ptr, k, x_ptr, x_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row, the whole row in registers (K <= 16k for the models served)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < k, other=0.0).to(tl.float32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, num_warps_for, use_triton
+from kernels.pdl import pdl, pdl_wait
 from kernels.fp8 import _quantize_row_fp8, launch_per_token_quant_fp8
 from kernels.quant_fp8 import per_token_quant_fp8_ref
 
@@ -38,8 +39,9 @@ def _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_s
 
 @lazy_jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride, res_stride, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row; fp32 inside. Outputs are contiguous [rows, n_cols]."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
@@ -48,10 +50,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
 
 @lazy_jit
 def _rms_norm_quant_fp8_kernel(y_ptr, scale_ptr, n_cols, x_ptr, res_ptr, w_ptr, res_out_ptr, x_stride, res_stride,
-                               eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                               eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.fp8): the normed
     row is rounded to x's dtype first, as rms_norm followed by per_token_quant_fp8 round it (the same
     math; compiled, the row sum's order may differ between the two kernels by an ulp of rstd)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
     _quantize_row_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), y_ptr, scale_ptr, row, n_cols, BLOCK)
@@ -78,7 +81,8 @@ def rms_norm_triton(x, weight, eps, residual=None):
     if rows:
         block = next_pow2(n)
         _rms_norm_kernel[(rows,)](x2, r2, w, y, res_out, n, x2.stride(0), r2.stride(0), float(eps),
-                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block))
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block),
+                                  **pdl(x.device))
     return y if residual is None else (y, res_out)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, use_triton
+from kernels.pdl import pdl, pdl_wait
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -35,8 +36,9 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, num_heads, cos, sin, offs, HALF:
 @lazy_jit
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h, cs_stride,
                    num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PDL: tl.constexpr):
     """One program per token: rotates all its q and k heads in place (fp32 inside)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -59,7 +61,7 @@ def rotary_embedding_triton(positions, q, k, cos_sin_cache):
         half = d // 2
         _rotary_kernel[(t,)](positions, q, k, cs, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cs.stride(0),
                              hq, k.shape[1], HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_HQ=next_pow2(hq),
-                             BLOCK_HK=next_pow2(k.shape[1]), num_warps=4)
+                             BLOCK_HK=next_pow2(k.shape[1]), num_warps=4, **pdl(q.device))
     return q, k
 
 

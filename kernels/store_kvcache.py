@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import lazy_jit, next_pow2, use_triton
+from kernels.pdl import pdl, pdl_wait
 from kernels.fp8 import _to_fp8, is_fp8, to_fp8_ref
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -24,9 +25,10 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scal
 def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
                           k_stride_t, k_stride_h, v_stride_t, v_stride_h, c_stride_b, c_stride_s, c_stride_h,
                           num_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr):
     """One program per token; int64 slot math; slot < 0 (padding) is skipped. KV_FP8: the caches
     are float8 and take value / scale (the scales are read on the device: no host sync)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -57,7 +59,7 @@ def store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_s
                                     v_scale if fp8 else v, k.stride(0), k.stride(1), v.stride(0),   # unused unless fp8
                                     v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), h,
                                     BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=d, BLOCK_H=next_pow2(h),
-                                    BLOCK_D=next_pow2(d), KV_FP8=fp8, num_warps=4)
+                                    BLOCK_D=next_pow2(d), KV_FP8=fp8, num_warps=4, **pdl(k.device))
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

@@ -198,6 +198,65 @@ def test_split_k_on_and_off_agree():
         assert_within_fp32_sum_error(y, x, w, None, b)
 
 
+# ---- the kernel's variants: e4m3 conversions, the swapped dot, e4m3 x (W8A8) -------------------------------
+
+# Conversion 3 multiplies in bf16, which Triton's interpreter does on bf16's storage bits: a GPU test
+CONVERTS_HERE = [c for c in sorted(fp8_gemm.CONVERTS) if ON_GPU or c != 3]
+
+
+def every_e4m3_value(k=16):
+    """[n, k] e4m3: every bit pattern but the two NaNs (which become 0), across rows and columns."""
+    bits = torch.arange(256, dtype=torch.int32)
+    bits[(bits & 0x7F) == 0x7F] = 0
+    return bits.to(torch.uint8).view(FP8_DTYPE).reshape(-1, k)
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("convert", CONVERTS_HERE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_e4m3_value_converts_exactly(dtype, convert, swap_ab):
+    """x = I against every e4m3 value (subnormals, both zeros, +-448) with unit scales: the output is the
+    weight itself, so each conversion must be exact."""
+    w = every_e4m3_value().to(DEVICE)              # [16, 16]: out = I @ w.T = w.T
+    x = torch.eye(16, dtype=dtype, device=DEVICE)
+    y = fp8_weight_gemm_triton(x, w, torch.ones(16, device=DEVICE), convert=convert, swap_ab=swap_ab)
+    assert torch.equal(y.float(), w.float().t())
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("convert", CONVERTS_HERE)
+@pytest.mark.parametrize("m,n,k,split_k,block_n", [(1, 97, 520, 1, 64), (3, 50, 300, 2, 32), (16, 40, 2048, 4, 64)])
+def test_variants_within_the_bound(m, n, k, split_k, block_n, convert, swap_ab):
+    """Each conversion, with and without the swapped dot and split-K, within the fp32-sum bound; without the
+    swap, every conversion gives the same bits (the conversions are exact; the dot is the same)."""
+    x, w, scale, b = make_operands(m, n, k, torch.bfloat16, True, seed=m * n + convert)
+    knobs = dict(split_k=split_k, block_n=block_n, block_k=64)
+    y = fp8_weight_gemm_triton(x, w, scale, b, convert=convert, swap_ab=swap_ab, **knobs)
+    assert_within_fp32_sum_error(y, x, w, scale, b)
+    if not swap_ab:
+        assert torch.equal(y, fp8_weight_gemm_triton(x, w, scale, b, convert=0, **knobs))
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 97, 520, 1), (3, 50, 300, 2), (16, 40, 2048, 4), (20, 64, 256, 1)])
+def test_w8a8_matches_fp32_math(m, n, k, split_k, bias, swap_ab):
+    """e4m3 x with per-token scales (rows of very different sizes; a zero row: its tiny scale) against fp32
+    math on the dequantized values, within the fp32-sum bound; bf16 out."""
+    x, w, scale, b = make_operands(m, n, k, torch.bfloat16, bias, seed=m + k)
+    if m > 2:
+        x[1] = 0
+    x_fp8, x_scale = kernels.per_token_quant_fp8(x)
+    y = fp8_gemm.fp8_w8a8_gemm_triton(x_fp8, x_scale, w, scale, b, split_k=split_k, block_n=32, block_k=64,
+                                      swap_ab=swap_ab)
+    assert y.dtype == torch.bfloat16
+    x_dq = x_fp8.float() * x_scale
+    assert_within_fp32_sum_error(y, x_dq, w, scale, b)
+    assert_within_fp32_sum_error(fp8_gemm.fp8_w8a8_gemm_ref(x_fp8, x_scale, w, scale, b), x_dq, w, scale, b)
+    if m > 2:
+        assert torch.equal(y[1], b if bias else torch.zeros_like(y[1]))
+
+
 def fp8_layer(dtype, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(200, 72, bias=bias)
@@ -230,3 +289,4 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
         return   # CPU _scaled_mm has no bf16 row-wise path to compare with (the model's CPU dtype is fp32)
     layer(torch.randn(5, 200, generator=g).to(device=DEVICE, dtype=dtype))   # M = 5 > threshold: W8A8
     assert launches == [(4, 200)]
+

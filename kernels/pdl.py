@@ -1,0 +1,52 @@
+"""Programmatic dependent launch (PDL, Hopper and newer): a kernel launched with it may start while the kernel
+before it in the stream is finishing; it must wait (griddepcontrol.wait: the previous kernel complete, its writes
+visible) before it reads anything that kernel writes or writes anything it reads.
+
+Every Triton kernel here begins with pdl_wait, before it touches memory, so results are the
+stream's order. The next kernel may launch once all of our programs have exited, or (a weight-streaming
+GEMM, kernels.fp8_gemm) released it after their main loop: its launch and start-up then overlap our tail
+(H100, single-request decode, Llama-3-8B shape: FP8 3.98 -> 3.88 ms a step, bf16 6.10 -> 6.04; bench/RESULTS.md).
+Tried and slower there: releasing the next kernel at our start (a chain of kernels launching ahead, their
+waiting programs placed on SMs while ours run: 4.24 / 6.94 ms), and prefetching the GEMM's weights into L2
+before its wait (4.11 / 6.16 ms). A torch kernel in the chain (no PDL) ends the overlap there: it waits for
+ours to finish, and ours, launched after it, wait for it. CUDA graphs keep PDL launches as programmatic edges.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from kernels.dispatch import lazy_jit
+
+triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
+
+USE_PDL = True   # off: every kernel launches as before (bench A/B, or a driver without PDL)
+
+
+def pdl(device: torch.device) -> dict:
+    """The launch keywords of a kernel that begins with pdl_wait: the PDL constexpr and, with it on, Triton's
+    launch_pdl (both or neither: a PDL launch of a kernel that does not wait would race)."""
+    on = USE_PDL and device.type == "cuda" and _supported(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device: torch.device) -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@lazy_jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel launch once all our programs have passed this (or exited)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@lazy_jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel: its writes are visible after this."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
