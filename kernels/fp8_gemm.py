@@ -9,9 +9,10 @@ At decode sizes (M up to ~64) the GEMM is a stream of the weight: time ~ bytes o
 takes enough loads in flight on every SM. The kernel
   * tiles N: each program owns BLOCK_N output channels and all BLOCK_M rows of an M tile;
   * may split K (SPLIT_K): program (n tile, m tile, s) streams the s-th K slice (a whole number of BLOCK_K
-    steps) and writes its fp32 partial to a workspace [SPLIT_K, M, N]; a second, small kernel sums the
-    partials in a fixed order (deterministic: no atomics), applies the scale and bias and casts. Without a
-    split there is no workspace and no second launch: the one program applies them itself;
+    steps) and writes its fp32 partial to a workspace [SPLIT_K, M, N]; the tile's last slice to finish (an
+    arrival counter per output tile) sums the partials in slice order (deterministic: the same bits whichever
+    slice arrives last), applies the scale and bias and casts: no second kernel. Without a split there is no
+    workspace: the one program applies them itself;
   * converts each e4m3 tile to x's dtype in registers (exact: every e4m3 value is a bf16, fp16 and fp32
     value) for a tensor-core dot with M padded to 16 rows (free: memory-bound), accumulating in fp32;
   * applies the per-channel scale once to the fp32 sum, adds the bias in fp32, casts once.
@@ -21,8 +22,12 @@ programs on the H100's 132 SMs), with the smallest power of two that reaches 2 (
 bf16 weights, which stream at bandwidth from fewer programs, only under 0.5 per SM (SPLIT_BELOW_PER_SM).
 K steps are mostly chosen in bytes of W, so bf16 weights get half the K elements of e4m3 ones for the same
 loads and shared memory. The knobs of *_triton override any of it.
+Variants for bench/fp8_gemm.py --variants (knobs, off by default; H100 sweeps in bench/RESULTS.md): other e4m3
+conversions (CONVERTS), the dot swapped (out.T = W @ x.T), and an e4m3 x with per-token scales (W8A8).
+Under PDL (kernels.pdl) each program releases the next kernel after its main loop.
 No host syncs and no data-dependent host branches (the config follows shapes only; the workspace is a
-torch.empty per call, which the caching allocator serves from the graph's pool under capture): CUDA-graph safe.
+torch.empty per call, which the caching allocator serves from the graph's pool under capture; the counters are
+made once per device, before any capture): CUDA-graph safe.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage p
 # SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
 # much smaller grid splits.
 SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
-REDUCE_BLOCK_N = 512   # the split-K reduce: channels per program (one row each); a few programs at M = 1
+MAX_SPLIT_TILES = 1 << 16   # output tiles of one split launch: the per-device counters of _split_k_fixup
 
 
 def fp8_weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -119,7 +124,8 @@ def _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_pt
 
 
 @lazy_jit
-def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, m, n, k, k_per_split,
+def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, m, n, k,
+                          k_per_split,
                           x_stride, w_stride, out_stride,
                           HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -155,27 +161,31 @@ def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_pt
     if SPLIT_K == 1:
         _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE,
                           X_FP8, HAS_BIAS)
-    else:   # the fp32 partial of this slice: workspace [SPLIT_K, M, N], summed by _split_k_reduce_kernel
-        rows = split * m + offs_m
-        partial_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :]
-        tl.store(partial_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        _split_k_fixup(acc, offs_m, offs_n, m, n, split, partial_ptr, counter_ptr, x_scale_ptr, scale_ptr, bias_ptr,
+                       out_ptr, out_stride, HAS_SCALE, X_FP8, HAS_BIAS, SPLIT_K)
 
 
 @lazy_jit
-def _split_k_reduce_kernel(partial_ptr, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, m, n, out_stride,
-                           HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """One row, BLOCK_N channels: the SPLIT_K partials summed in slice order (the same bits every run)."""
-    pdl_wait(PDL)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) + tl.arange(0, 1)
-    n_ok = (offs_n < n)[None, :]
-    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        rows = s * m + offs_m   # row offs_m of slice s
-        acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :], mask=n_ok, other=0.0)
-    _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride, HAS_SCALE,
-                      X_FP8, HAS_BIAS)
+def _split_k_fixup(acc, offs_m, offs_n, m, n, split, partial_ptr, counter_ptr, x_scale_ptr, scale_ptr, bias_ptr,
+                   out_ptr, out_stride, HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """A K slice's fp32 partial to the workspace [SPLIT_K, M, N]; the tile's last slice to arrive (a counter per
+    output tile) then sums all of them in slice order (the same bits whichever arrives last), applies the
+    scales and bias, stores, and resets the counter to 0 for the next launch. No second kernel."""
+    ok = (offs_m < m)[:, None] & (offs_n < n)[None, :]
+    cols = offs_n[None, :]
+    tl.store(partial_ptr + (split * m + offs_m).to(tl.int64)[:, None] * n + cols, acc, mask=ok)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.debug_barrier()   # every thread's partial stored before the release below publishes them
+    if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):   # .cg: from L2, where the other SMs' partials are
+            total += tl.load(partial_ptr + (s * m + offs_m).to(tl.int64)[:, None] * n + cols, mask=ok, other=0.0,
+                             cache_modifier=".cg")
+        _scale_bias_store(total, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride,
+                          HAS_SCALE, X_FP8, HAS_BIAS)
+        tl.atomic_xchg(counter_ptr + tile, 0)
 
 
 class GemmConfig(NamedTuple):
@@ -271,8 +281,11 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (cdiv(n, config.block_n), cdiv(m, config.block_m), split_k)
     launch = pdl(x.device)
+    counters = _split_counters(x.device) if split_k > 1 else partial
+    assert split_k == 1 or grid[0] * grid[1] <= MAX_SPLIT_TILES
     _weight_stream_kernel[grid](
-        x, x_scale_arg, weight, scale, bias_arg, out, partial, m, n, k, k_per_split, x.stride(0), weight.stride(0),
+        x, x_scale_arg, weight, scale, bias_arg, out, partial, counters, m, n, k, k_per_split, x.stride(0),
+        weight.stride(0),
         out.stride(0), **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         CONVERT=config.convert, SWAP_AB=config.swap_ab,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
@@ -280,11 +293,22 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
         # fp32 there
         UPCAST_DOT=interpreted and (x.dtype == torch.bfloat16 or x_scale is not None),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch)
-    if split_k > 1:
-        _split_k_reduce_kernel[(cdiv(n, REDUCE_BLOCK_N), m)](
-            partial, x_scale_arg, scale, bias_arg, out, m, n, out.stride(0), **flags, BLOCK_N=REDUCE_BLOCK_N,
-            num_warps=4, **launch)
     return out
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The split launches' per-tile arrival counters on a device: zeros, and zeros again after every launch (the
+    last slice of each tile resets its own). One set per device: launches on one stream use them one after
+    another (a PDL launch waits for the previous kernel before it touches them). Made at the first split launch,
+    which must not be under CUDA-graph capture (the engine and the benches run each shape once before capturing)."""
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K counters must exist before CUDA-graph capture: run the GEMM once first")
+        _counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, **knobs):

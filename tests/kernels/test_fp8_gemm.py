@@ -189,6 +189,30 @@ def test_heuristic_splits_k_where_the_n_tiling_leaves_sms_idle(monkeypatch, m):
     assert gemm_config(m, 4096, cuda, 1024, FP8_DTYPE).split_k == 1       # Qwen3-0.6B's qkv: K too short
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+def test_split_k_sums_every_slice_once_in_order(split_k):
+    """fp32, no scale, no bias: the split result is bit for bit the in-order fp32 sum of each K slice's result
+    from the unsplit kernel (same tiles, so the same dots), whichever slice's program arrives last."""
+    x, w, _, _ = make_operands(3, 40, 1000, torch.float32, False, seed=split_k, quantized=False)
+    knobs = dict(block_n=32, block_k=64)
+    per_split, slices = k_slices(1000, split_k, 64)
+    y = weight_gemm_triton(x, w, split_k=split_k, **knobs)
+    total = torch.zeros_like(y)
+    for s in range(slices):
+        cut = slice(s * per_split, min(1000, (s + 1) * per_split))
+        total += weight_gemm_triton(x[:, cut].contiguous(), w[:, cut].contiguous(), split_k=1, **knobs)
+    assert torch.equal(y, total)
+
+
+def test_split_k_counters_are_reset():
+    """Every launch leaves the per-tile arrival counters at zero (the next split launch relies on it): after
+    launches of different splits, tile counts and weight dtypes."""
+    for quantized, m, n, k, split_k in [(True, 1, 97, 300, 2), (False, 5, 50, 1000, 4), (True, 17, 33, 300, 3)]:
+        x, w, scale, b = make_operands(m, n, k, torch.bfloat16, True, seed=k, quantized=quantized)
+        gemm(quantized, x, w, scale, b, split_k=split_k, block_k=32, block_n=16)
+        assert not fp8_gemm._split_counters(x.device).any()
+
+
 def test_split_k_on_and_off_agree():
     """The heuristic's config (a split at this shape, under the interpreter's 8 SMs and on a GPU) and the
     same without the split: both within the bound (they differ only in the order of the fp32 sums)."""
