@@ -44,10 +44,10 @@ triton = tl = None  # bound to triton / triton.language by lazy_jit at the first
 
 MAX_SPLIT_K = 16
 MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage pipeline is mostly fill and drain
-# Split K below this many programs per SM, by bytes of a weight element. e4m3 at 1.5: its programs are bound by
-# converting every element in registers, so more of them help (H100, M = 1: qkv 16.2 -> 12.9 us, down 25.2 ->
-# 24.4); not 2: a grid just short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the second
-# launch and the workspace for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
+# Split K below this many programs per SM, by bytes of a weight element. e4m3 at 1.5: more programs help its
+# small projections, which lose to start-up and tail more than to the conversion (H100, M = 1: qkv 16.2 -> 12.9
+# us, down 25.2 -> 24.4; bench/fp8_gemm.py --variants: every other conversion is slower); not 2: a grid just short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the partials'
+# round trip and the fixup for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
 # SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
 # much smaller grid splits.
 SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
