@@ -73,7 +73,8 @@ def _qk_norm_rotary_store_kernel(
         q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
         c_stride_b, c_stride_s, c_stride_h, num_q_heads, num_kv_heads,
         BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-        BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr):
+        BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, KV_FP8: tl.constexpr,
+        PDL: tl.constexpr):
     """One program per token: all its q heads (written back in place), then, unless its slot is
     padding (< 0), all its k and v heads into the cache. int64 token and slot offsets. KV_FP8: the
     caches are float8 and take value / scale."""
@@ -134,7 +135,8 @@ def qk_norm_rotary_store_triton(positions, q, k, v, k_cache, v_cache, slot_mappi
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads,
             BLOCK_SIZE=k_cache.shape[1], HALF=half, HAS_Q_NORM=q_norm_weight is not None,
             HAS_K_NORM=k_norm_weight is not None, BLOCK_HALF=next_pow2(half), BLOCK_HQ=block_hq,
-            BLOCK_HK=next_pow2(num_kv_heads), KV_FP8=fp8, num_warps=num_warps_for(block_hq * 2 * next_pow2(half)), **pdl(q.device))
+            BLOCK_HK=next_pow2(num_kv_heads), KV_FP8=fp8, num_warps=num_warps_for(block_hq * 2 * next_pow2(half)),
+            **pdl(q.device))
     return q
 
 

@@ -46,8 +46,9 @@ MAX_SPLIT_K = 16
 MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage pipeline is mostly fill and drain
 # Split K below this many programs per SM, by bytes of a weight element. e4m3 at 1.5: more programs help its
 # small projections, which lose to start-up and tail more than to the conversion (H100, M = 1: qkv 16.2 -> 12.9
-# us, down 25.2 -> 24.4; bench/fp8_gemm.py --variants: every other conversion is slower); not 2: a grid just short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the partials'
-# round trip and the fixup for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
+# us, down 25.2 -> 24.4; bench/fp8_gemm.py --variants: every other conversion is slower); not 2: a grid just
+# short of it (M = 32's o and down: 256 programs on 132 SMs) would pay the partials' round trip and the fixup
+# for 3% more programs. bf16 streams at bandwidth from its N tiles alone (0.7-1 per
 # SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
 # much smaller grid splits.
 SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
@@ -75,7 +76,7 @@ def _fp32_linear(x, w_fp32, bias):
 @lazy_jit
 def _e4m3_to(w, dtype, CONVERT: tl.constexpr):
     """e4m3 w in dtype, exactly (every e4m3 value is a bf16, fp16 and fp32 value), by one of the conversions
-    (CONVERTS) bench/fp8_gemm.py --convert times: the conversion, not the load, bounds the e4m3 stream."""
+    (CONVERTS) that bench/fp8_gemm.py --variants times; through fp32 (0) was the fastest on the H100."""
     if CONVERT == 1:    # Triton's own e4m3 -> dtype
         return w.to(dtype)
     elif CONVERT == 2:  # e4m3's bits placed in fp32's: the value * 2^-120 (subnormals too), times 2^120
@@ -124,9 +125,8 @@ def _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_pt
 
 
 @lazy_jit
-def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, m, n, k,
-                          k_per_split,
-                          x_stride, w_stride, out_stride,
+def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+                          m, n, k, k_per_split, x_stride, w_stride, out_stride,
                           HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           CONVERT: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -284,9 +284,9 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
     counters = _split_counters(x.device) if split_k > 1 else partial
     assert split_k == 1 or grid[0] * grid[1] <= MAX_SPLIT_TILES
     _weight_stream_kernel[grid](
-        x, x_scale_arg, weight, scale, bias_arg, out, partial, counters, m, n, k, k_per_split, x.stride(0),
-        weight.stride(0),
-        out.stride(0), **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        x, x_scale_arg, weight, scale, bias_arg, out, partial, counters, m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0), **flags,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         CONVERT=config.convert, SWAP_AB=config.swap_ab,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
         # Triton's interpreter multiplies bf16 (and e4m3) operands' storage bits in tl.dot: run those dots in
@@ -307,7 +307,8 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     if device not in _counters:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the split-K counters must exist before CUDA-graph capture: run the GEMM once first")
-        _counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):   # a plain tensor even if first made in an inference step
+            _counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
     return _counters[device]
 
 

@@ -49,4 +49,3 @@ def pdl_wait(PDL: tl.constexpr):
     """Wait for the previous kernel: its writes are visible after this."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-

@@ -213,6 +213,17 @@ def test_split_k_counters_are_reset():
         assert not fp8_gemm._split_counters(x.device).any()
 
 
+def test_split_k_counters_are_a_plain_tensor_under_inference_mode(monkeypatch):
+    """First made inside inference_mode (an engine step), the counters are still a normal tensor: code outside
+    inference_mode may reset them in place; later calls return the same buffer."""
+    monkeypatch.setattr(fp8_gemm, "_counters", {})
+    with torch.inference_mode():
+        counters = fp8_gemm._split_counters(torch.device("cpu"))
+    assert not counters.is_inference() and not counters.any()
+    counters.fill_(2)
+    assert fp8_gemm._split_counters(torch.device("cpu")) is counters
+
+
 def test_split_k_on_and_off_agree():
     """The heuristic's config (a split at this shape, under the interpreter's 8 SMs and on a GPU) and the
     same without the split: both within the bound (they differ only in the order of the fp32 sums)."""
