@@ -44,7 +44,8 @@ def silu_and_mul_triton(x):
     if rows and d:
         block = min(1024, next_pow2(d))
         _silu_and_mul_kernel[(rows, cdiv(d, block))](x2, y, d, x2.stride(0), BLOCK=block,
-                                                             num_warps=4 if block >= 512 else 2, **pdl(x.device))
+                                                             num_warps=4 if block >= 512 else 2,
+                                                             **pdl(x.device, feeds_gemm=True))
     return y
 
 

@@ -53,6 +53,10 @@ MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage p
 # much smaller grid splits.
 SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
 MAX_SPLIT_TILES = 1 << 16   # output tiles of one split launch: the per-device counters of _split_k_fixup
+# K steps of its weight tile a program asks L2 for before its PDL wait (the weights never depend on the kernel
+# before), by bytes of a weight element: with kernels.pdl.RELEASE_BEFORE_GEMM, that wait overlaps the op
+# before the GEMM. H100, M = 1 (RESULTS.md): e4m3 best at 1 step (2: 3.82 -> 3.94 ms a step), bf16 at 2.
+PREFETCH_STEPS = {1: 1, 2: 2}
 
 
 def fp8_weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -125,12 +129,27 @@ def _scale_bias_store(acc, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_pt
 
 
 @lazy_jit
+def _prefetch_weight_l2(w_ptr, offs_n, n_ok, k_start, k_end, w_stride, BLOCK_K: tl.constexpr, STEPS: tl.constexpr):
+    """prefetch.global.L2 of the program's first STEPS weight tiles [BLOCK_K, BLOCK_N], one address per
+    128-byte line."""
+    per_line: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+    lines = tl.arange(0, BLOCK_K // per_line) * per_line
+    for step in tl.static_range(STEPS):
+        cols = k_start + step * BLOCK_K + lines
+        ok = (cols < k_end)[:, None] & n_ok[None, :]
+        ptrs = tl.where(ok, w_ptr + offs_n.to(tl.int64)[None, :] * w_stride + cols[:, None], w_ptr)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@lazy_jit
 def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
                           m, n, k, k_per_split, x_stride, w_stride, out_stride,
                           HAS_SCALE: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           CONVERT: tl.constexpr, SWAP_AB: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
+                          PREFETCH: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -142,6 +161,8 @@ def _weight_stream_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_pt
     # slice is partial, and masks on K alone suffice.
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k)
+    if PREFETCH > 0:
+        _prefetch_weight_l2(w_ptr, offs_n, n_ok, k_start, k_end, w_stride, BLOCK_K, PREFETCH)
     pdl_wait(PDL)
     # SWAP_AB: out.T = W @ x.T, the weight tile the dot's wide operand (Hopper's wgmma wants >= 64 rows there,
     # and takes that operand from registers, where an e4m3 tile is converted)
@@ -292,8 +313,17 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
         # Triton's interpreter multiplies bf16 (and e4m3) operands' storage bits in tl.dot: run those dots in
         # fp32 there
         UPCAST_DOT=interpreted and (x.dtype == torch.bfloat16 or x_scale is not None),
+        # only where a PDL launch may start early, and tiles of whole 128-byte lines
+        PREFETCH=_prefetch_steps(weight.element_size(), config.block_k, launch["PDL"]),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch)
     return out
+
+
+def _prefetch_steps(elem: int, block_k: int, pdl_on) -> int:
+    """PREFETCH_STEPS (an int for every width, or by width) where a PDL launch may start early, on tiles of
+    whole 128-byte lines; else 0."""
+    steps = PREFETCH_STEPS if isinstance(PREFETCH_STEPS, int) else PREFETCH_STEPS.get(elem, 0)
+    return steps if pdl_on and block_k * elem >= 128 else 0
 
 
 _counters: dict[torch.device, torch.Tensor] = {}

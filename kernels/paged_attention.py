@@ -512,11 +512,11 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
         UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache), **_variant_constexprs(variant, bm),
-        num_warps=warps, num_stages=stages, **pdl(q.device))
+        num_warps=warps, num_stages=stages, **pdl(q.device, feeds_gemm=segs == 1))
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
             out, seg_out, seg_max, seg_sum, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4, **pdl(q.device))
+            HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4, **pdl(q.device, feeds_gemm=True))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None,

@@ -23,13 +23,25 @@ from kernels.dispatch import lazy_jit
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
 USE_PDL = True   # off: every kernel launches as before (bench A/B, or a driver without PDL)
+# Where a kernel whose output feeds a weight-streaming GEMM lets that GEMM launch: None (when all its programs
+# have exited), "after_wait" (once each has waited for the kernel before it) or "at_start" (before waiting).
+# An early launch places the GEMM's programs while ours run, and they prefetch their first weight tiles
+# (kernels.fp8_gemm.PREFETCH_STEPS) before their own wait. H100, single-request decode, Llama-3-8B shape
+# (bench/RESULTS.md): FP8 3.848 -> 3.828 ms, 3.819 with the prefetch; bf16 5.991 -> 5.941, 5.884;
+# "at_start" 3.838.
+RELEASE_BEFORE_GEMM = "after_wait"
+_RELEASE_MODES = {None: True, "after_wait": 2, "at_start": 3}   # the PDL constexpr: True is wait only
 
 
-def pdl(device: torch.device) -> dict:
+def pdl(device: torch.device, feeds_gemm: bool = False) -> dict:
     """The launch keywords of a kernel that begins with pdl_wait: the PDL constexpr and, with it on, Triton's
-    launch_pdl (both or neither: a PDL launch of a kernel that does not wait would race)."""
+    launch_pdl (both or neither: a PDL launch of a kernel that does not wait would race). feeds_gemm: the
+    kernel's output is (at decode) a weight-streaming GEMM's input: it may release it early
+    (RELEASE_BEFORE_GEMM); whatever the next kernel is, it still waits for ours to finish before it reads."""
     on = USE_PDL and device.type == "cuda" and _supported(device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    if not on:
+        return {"PDL": False}
+    return {"PDL": _RELEASE_MODES[RELEASE_BEFORE_GEMM if feeds_gemm else None], "launch_pdl": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,6 +58,11 @@ def pdl_release(PDL: tl.constexpr):
 
 @lazy_jit
 def pdl_wait(PDL: tl.constexpr):
-    """Wait for the previous kernel: its writes are visible after this."""
+    """Wait for the previous kernel: its writes are visible after this. PDL 2 and 3 (pdl(feeds_gemm=True))
+    also let the next kernel launch, after the wait or before it."""
+    if PDL == 3:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()

@@ -325,3 +325,19 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
     layer(torch.randn(5, 200, generator=g).to(device=DEVICE, dtype=dtype))   # M = 5 > threshold: W8A8
     assert launches == [(4, 200)]
 
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the prefetch is PTX, compiled on a GPU with PDL (Hopper)")
+@pytest.mark.parametrize("quantized", [True, False])
+def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
+    """The weights' L2 prefetch before the PDL wait (0 to 3 K steps, split or not, steps past a slice's end
+    masked) leaves every output bit as without it."""
+    x, w, scale, b = make_operands(3, 200, 2000, torch.bfloat16, True, seed=3, quantized=quantized)
+    outs = {}
+    for steps in (0, 1, 3):
+        monkeypatch.setattr(fp8_gemm, "PREFETCH_STEPS", steps)
+        assert fp8_gemm._prefetch_steps(w.element_size(), 128 // w.element_size(), True) == steps
+        for split_k in (1, 4):
+            outs[steps, split_k] = gemm(quantized, x, w, scale, b, split_k=split_k, block_k=128 // w.element_size())
+    for (steps, split_k), out in outs.items():
+        assert torch.equal(out, outs[0, split_k]), (steps, split_k)

@@ -10,6 +10,7 @@ from kernels.pdl import pdl
 
 def test_off_where_not_supported():
     assert pdl(torch.device("cpu")) == {"PDL": False}
+    assert pdl(torch.device("cpu"), feeds_gemm=True) == {"PDL": False}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -17,5 +18,9 @@ def test_on_from_hopper_unless_switched_off(monkeypatch):
     device = torch.device("cuda")
     on = torch.cuda.get_device_capability()[0] >= 9
     assert pdl(device) == ({"PDL": True, "launch_pdl": True} if on else {"PDL": False})
+    for release, constexpr in [(None, True), ("after_wait", 2), ("at_start", 3)]:
+        monkeypatch.setattr(pdl_module, "RELEASE_BEFORE_GEMM", release)
+        assert pdl(device, feeds_gemm=True) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
+        assert pdl(device) == pdl(device, feeds_gemm=False)   # the others wait only
     monkeypatch.setattr(pdl_module, "USE_PDL", False)
     assert pdl(device) == {"PDL": False}
