@@ -101,7 +101,7 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, width * ARGMAX_CHUNKS - vocab), value=float("-inf"))
     piece_max, piece_arg = x.reshape(rows, ARGMAX_CHUNKS, width).max(dim=-1)
     piece = piece_max.argmax(dim=-1, keepdim=True)
-    return (piece * width + piece_arg.gather(1, piece)).squeeze(1)
+    return piece_arg.gather(1, piece).add_(piece, alpha=width).squeeze(1)   # 4 launches in all
 
 
 class Sampler:
