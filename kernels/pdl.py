@@ -6,9 +6,10 @@ Every Triton kernel here begins with pdl_wait, before it touches memory, so resu
 stream's order. The next kernel may launch once all of our programs have exited, or (a weight-streaming
 GEMM, kernels.fp8_gemm) released it after their main loop: its launch and start-up then overlap our tail
 (H100, single-request decode, Llama-3-8B shape: FP8 3.98 -> 3.88 ms a step, bf16 6.10 -> 6.04; bench/RESULTS.md).
-Tried and slower there: releasing the next kernel at our start (a chain of kernels launching ahead, their
-waiting programs placed on SMs while ours run: 4.24 / 6.94 ms), and prefetching the GEMM's weights into L2
-before its wait (4.11 / 6.16 ms). A torch kernel in the chain (no PDL) ends the overlap there: it waits for
+Tried and slower there: every kernel releasing the next at its start (a chain of kernels launching ahead,
+their waiting programs placed on SMs while ours run: 4.24 / 6.94 ms), and prefetching all the GEMM's weights
+into L2 before its wait (4.11 / 6.16 ms). Kept: only the op before a GEMM releases it early (after its own
+wait), and the GEMM prefetches its first weight tiles only (RELEASE_BEFORE_GEMM). A torch kernel in the chain (no PDL) ends the overlap there: it waits for
 ours to finish, and ours, launched after it, wait for it. CUDA graphs keep PDL launches as programmatic edges.
 """
 from __future__ import annotations
