@@ -185,6 +185,7 @@ def kill_stub_under_load(srv, streams=4):
     time.sleep(1.5)   # the streams are generating
     assert not results, results
     regions_before = shm_regions(srv)
+    server = tritonserver_pid(srv)
     [stub] = live_stubs(srv)
     os.kill(stub, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -193,7 +194,7 @@ def kill_stub_under_load(srv, streams=4):
     for t in threads:
         t.join(timeout=30)
     return {"results": results, "killed_at": killed_at, "saw_not_ready": saw_not_ready,
-            "recovered_s": recovered_s, "old_stub": stub, "regions_before": regions_before}
+            "recovered_s": recovered_s, "old_stub": stub, "old_server": server, "regions_before": regions_before}
 
 
 def check_recovery(srv, outcome, streams=4):
@@ -206,15 +207,28 @@ def check_recovery(srv, outcome, streams=4):
     assert outcome["recovered_s"] < 60 and generate_ok(srv), outcome["recovered_s"]
     assert processes.read_stat(outcome["old_stub"]) is None, "the dead stub was not reaped"
     assert not set(outcome["regions_before"]) & set(shm_regions(srv)), "the dead server's shm regions remain"
-    assert "Python-backend stub" in srv.log() and "restarting tritonserver" in srv.log()
+    return recovered_by(srv, outcome)
+
+
+def recovered_by(srv, outcome):
+    """Who brought the model back: the launcher (it saw the stub a zombie for its grace, 1 s, and restarted
+    tritonserver) or Triton's Python backend (a request reached the dead stub first: it reaped it and started a
+    new one in the same server; seen once in CI under load). Either is asserted exactly."""
+    if f"the Python-backend stub (pid {outcome['old_stub']}) died: restarting tritonserver" in srv.log():
+        assert tritonserver_pid(srv) != outcome["old_server"]
+        return "the launcher"
+    stubs = live_stubs(srv)
+    assert tritonserver_pid(srv) == outcome["old_server"] and stubs and outcome["old_stub"] not in stubs, \
+        f"neither the launcher nor Triton restarted the stub: {srv.log()[-2000:]}"
+    return "Triton"
 
 
 def test_killed_stub_fails_requests_in_flight_and_recovers(tmp_path, tiny_model):
     srv = start_server(tmp_path, tiny_model)
     try:
         outcome = kill_stub_under_load(srv)
-        check_recovery(srv, outcome)
-        print(f"recovered {outcome['recovered_s']:.1f} s after the kill; streams ended "
+        by = check_recovery(srv, outcome)
+        print(f"recovered by {by} {outcome['recovered_s']:.1f} s after the kill; streams ended "
               f"{max(t for t, _ in outcome['results'].values()) - outcome['killed_at']:.1f} s after it")
     finally:
         srv.stop()
