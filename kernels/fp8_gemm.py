@@ -52,6 +52,11 @@ MIN_SLICE_STEPS = 4   # K steps a slice keeps at least: fewer, and the 3-stage p
 # SM on Llama-3-8B): the split cost qkv and o 4-5% on the H100 (19.8 -> 20.6 us, 14.3 -> 15.0), so only a
 # much smaller grid splits.
 SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
+# A split doubles until the grid has SPLIT_TO_PER_SM programs per SM, each streaming SPLIT_STEP_BYTES of a weight
+# row a K step. In the FP8 decode step (H100, with the early release and prefetch; RESULTS.md) 2 and 256 beat
+# 1 (3.82 -> 3.90 ms), 4 (4.04), 512-byte steps (4.09), no split at all (3.91) and a lower threshold (same).
+SPLIT_TO_PER_SM = 2
+SPLIT_STEP_BYTES = 256
 MAX_SPLIT_TILES = 1 << 16   # output tiles of one split launch: the per-device counters of _split_k_fixup
 # K steps of its weight tile a program asks L2 for before its PDL wait (the weights never depend on the kernel
 # before), by bytes of a weight element: with kernels.pdl.RELEASE_BEFORE_GEMM, that wait overlaps the op
@@ -250,14 +255,14 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
 
 def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int) -> GemmConfig:
     """Split K when the N x M tiling gives fewer than SPLIT_BELOW_PER_SM programs per SM: the smallest power
-    of two that reaches 2 (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split programs
-    stream shorter K steps (256 bytes a row, 3 stages) so that 2-4 of them fit an SM's shared memory."""
+    of two that reaches SPLIT_TO_PER_SM (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split programs
+    stream shorter K steps (SPLIT_STEP_BYTES a row, 3 stages) so that 2-4 of them fit an SM's shared memory."""
     if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
         return tiles
-    block_k = min(tiles.block_k, 256 // elem)
+    block_k = min(tiles.block_k, SPLIT_STEP_BYTES // elem)
     most = min(MAX_SPLIT_K, cdiv(k, block_k) // MIN_SLICE_STEPS)
     split = 1
-    while programs * split < 2 * sms and 2 * split <= most:
+    while programs * split < SPLIT_TO_PER_SM * sms and 2 * split <= most:
         split *= 2
     if split == 1:
         return tiles
