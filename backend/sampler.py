@@ -84,7 +84,6 @@ class StepResult:
         return entries
 
 
-
 ARGMAX_CHUNKS = 128   # a few rows over a long vocabulary: each row's argmax in this many pieces at once
 
 

@@ -255,8 +255,9 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
 
 def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int) -> GemmConfig:
     """Split K when the N x M tiling gives fewer than SPLIT_BELOW_PER_SM programs per SM: the smallest power
-    of two that reaches SPLIT_TO_PER_SM (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split programs
-    stream shorter K steps (SPLIT_STEP_BYTES a row, 3 stages) so that 2-4 of them fit an SM's shared memory."""
+    of two that reaches SPLIT_TO_PER_SM (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split
+    programs stream shorter K steps (SPLIT_STEP_BYTES a row, 3 stages) so that 2-4 of them fit an SM's shared
+    memory."""
     if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
         return tiles
     block_k = min(tiles.block_k, SPLIT_STEP_BYTES // elem)

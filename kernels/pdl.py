@@ -9,8 +9,9 @@ GEMM, kernels.fp8_gemm) released it after their main loop: its launch and start-
 Tried and slower there: every kernel releasing the next at its start (a chain of kernels launching ahead,
 their waiting programs placed on SMs while ours run: 4.24 / 6.94 ms), and prefetching all the GEMM's weights
 into L2 before its wait (4.11 / 6.16 ms). Kept: only the op before a GEMM releases it early (after its own
-wait), and the GEMM prefetches its first weight tiles only (RELEASE_BEFORE_GEMM). A torch kernel in the chain (no PDL) ends the overlap there: it waits for
-ours to finish, and ours, launched after it, wait for it. CUDA graphs keep PDL launches as programmatic edges.
+wait), and the GEMM prefetches its first weight tiles only (RELEASE_BEFORE_GEMM). A torch kernel in the chain
+(no PDL) ends the overlap there: it waits for ours to finish, and ours, launched after it, wait for it. CUDA
+graphs keep PDL launches as programmatic edges.
 """
 from __future__ import annotations
 

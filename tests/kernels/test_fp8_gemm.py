@@ -326,7 +326,6 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
     assert launches == [(4, 200)]
 
 
-
 @pytest.mark.skipif(not ON_GPU, reason="the prefetch is PTX, compiled on a GPU with PDL (Hopper)")
 @pytest.mark.parametrize("quantized", [True, False])
 def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
@@ -337,7 +336,7 @@ def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
     for steps in (0, 1, 3):
         monkeypatch.setattr(fp8_gemm, "PREFETCH_STEPS", steps)
         assert fp8_gemm._prefetch_steps(w.element_size(), 128 // w.element_size(), True) == steps
-        for split_k in (1, 4):
+        for split_k in (1, 4):   # K steps of one 128-byte line
             outs[steps, split_k] = gemm(quantized, x, w, scale, b, split_k=split_k, block_k=128 // w.element_size())
     for (steps, split_k), out in outs.items():
         assert torch.equal(out, outs[0, split_k]), (steps, split_k)
