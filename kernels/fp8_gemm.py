@@ -326,10 +326,9 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
 
 
 def _prefetch_steps(elem: int, block_k: int, pdl_on) -> int:
-    """PREFETCH_STEPS (an int for every width, or by width) where a PDL launch may start early, on tiles of
-    whole 128-byte lines; else 0."""
-    steps = PREFETCH_STEPS if isinstance(PREFETCH_STEPS, int) else PREFETCH_STEPS.get(elem, 0)
-    return steps if pdl_on and block_k * elem >= 128 else 0
+    """PREFETCH_STEPS of this weight width where a PDL launch may start early, on tiles of whole 128-byte
+    lines; else 0."""
+    return PREFETCH_STEPS.get(elem, 0) if pdl_on and block_k * elem >= 128 else 0
 
 
 _counters: dict[torch.device, torch.Tensor] = {}

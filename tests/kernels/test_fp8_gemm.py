@@ -334,7 +334,7 @@ def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
     x, w, scale, b = make_operands(3, 200, 2000, torch.bfloat16, True, seed=3, quantized=quantized)
     outs = {}
     for steps in (0, 1, 3):
-        monkeypatch.setattr(fp8_gemm, "PREFETCH_STEPS", steps)
+        monkeypatch.setattr(fp8_gemm, "PREFETCH_STEPS", {w.element_size(): steps})
         assert fp8_gemm._prefetch_steps(w.element_size(), 128 // w.element_size(), True) == steps
         for split_k in (1, 4):   # K steps of one 128-byte line
             outs[steps, split_k] = gemm(quantized, x, w, scale, b, split_k=split_k, block_k=128 // w.element_size())
