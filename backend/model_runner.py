@@ -61,6 +61,12 @@ class ModelRunner:
                 query_start_loc=torch.arange(0, n + 1, q_len, **i32), max_query_len=q_len)
             positions = torch.arange(n, device=dev) % q_len
             self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, self.kv_caches, meta)
+        # The LM head streams its weight at decode sizes (UnquantizedLinear), outside the CUDA graphs: its
+        # variants by rows (1, a multiple of 16, any other: Triton's integer specializations).
+        hidden = torch.zeros(16, a.hidden_size, dtype=self.model.lm_head.weight.dtype, device=dev)
+        for rows in (1, 2, 16):
+            if rows <= self.config.max_num_seqs:
+                self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(dev)
 
     def kv_block_bytes(self) -> int:

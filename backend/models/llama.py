@@ -215,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = a
         self.model = LlamaModel(a)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.lm_head = UnquantizedLinear(a.hidden_size, a.vocab_size, bias=False)   # decode: the weight stream
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(a, a.max_position), persistent=False)
