@@ -130,6 +130,25 @@ def kernel_stats(prof, steps: int) -> dict:
             "copies_per_step": round((len(events) - len(kernels)) / steps, 1)}
 
 
+def chain_table(prof, steps: int) -> list[dict]:
+    """Where the GPU's critical path goes: kernels in the order they finish, each charged the time from the
+    previous kernel's end to its own (under PDL a kernel starts before the one it waits for ends, so its own
+    duration overlaps; the end-to-end gaps add up to the step). Keyed by the kernel and the two that finished
+    before it (which tells e.g. qkv's GEMM, after a down projection and an RMSNorm, from gate_up's)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.name not in LABELS and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+                     key=lambda e: e.time_range.end)
+    short = [e.name.split("<")[0][:40] for e in kernels]
+    charged: dict[tuple, list[float]] = {}
+    for i in range(2, len(kernels)):
+        gap = kernels[i].time_range.end - kernels[i - 1].time_range.end
+        charged.setdefault((short[i - 2], short[i - 1], short[i]), []).append(gap)
+    rows = [dict(kernel=k[2], after=f"{k[0]} > {k[1]}", us_per_step=round(sum(g) / steps, 1),
+                 per_step=round(len(g) / steps, 1), us_median=round(sorted(g)[len(g) // 2], 2))
+            for k, g in charged.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-0.6b")
@@ -143,6 +162,8 @@ def main():
     ap.add_argument("--table", type=int, default=20, help="rows of the kernel table (0: none)")
     ap.add_argument("--serving-like", action="store_true",
                     help="as the server runs requests: DELTA outputs, detokenized, a callback per output")
+    ap.add_argument("--chain", type=int, default=0,
+                    help="also print the N largest shares of the GPU's critical path (chain_table)")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the engine thread's top N functions (cProfile)")
     ap.add_argument("--engine-param", nargs="+", default=[], metavar="KEY=VALUE",
                     help="more engine parameters, as in config.pbtxt (e.g. quantization=fp8 kv_cache_dtype=fp8)")
@@ -205,6 +226,8 @@ def main():
                           weight_read_ms=round(weight_ms, 3), of_bound=round(bound_ms / wall / 1e3, 3),
                           host_ms_per_step={k: round(v / a.steps * 1e3, 3) for k, v in measured_segments.items()},
                           **kernel_stats(prof, a.steps), **labelled_gpu_ms(prof, a.steps))), flush=True)
+    for row in chain_table(prof, a.steps)[:a.chain]:
+        print(json.dumps(row))
     if a.cprofile:
         host_profile(engine, a.steps, a.cprofile)
     if a.table:
