@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
-from kernels.pdl import pdl, pdl_release, pdl_wait
+from kernels.pdl import pdl, pdl_release, pdl_wait, prefetch_l2
 from kernels.fp8 import FP8_DTYPE
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -142,9 +142,7 @@ def _prefetch_weight_l2(w_ptr, offs_n, n_ok, k_start, k_end, w_stride, BLOCK_K: 
     for step in tl.static_range(STEPS):
         cols = k_start + step * BLOCK_K + lines
         ok = (cols < k_end)[:, None] & n_ok[None, :]
-        ptrs = tl.where(ok, w_ptr + offs_n.to(tl.int64)[None, :] * w_stride + cols[:, None], w_ptr)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        prefetch_l2(w_ptr + offs_n.to(tl.int64)[None, :] * w_stride + cols[:, None], ok)
 
 
 @lazy_jit

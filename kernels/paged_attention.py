@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import lazy_jit, next_pow2, num_sms, use_triton
-from kernels.pdl import pdl, pdl_wait
+import kernels.pdl as pdl_module
+from kernels.pdl import pdl, pdl_wait, prefetch_l2
 from kernels.fp8 import from_fp8_ref, is_fp8
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -253,6 +254,24 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, head
     return acc, m_i, l_i
 
 
+@lazy_jit
+def _prefetch_kv_l2(k_cache_ptr, v_cache_ptr, table, head_off, tile_lo, tile_hi, context_len, c_stride_b,
+                    c_stride_s, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, TILES: tl.constexpr,
+                    KV_LINES: tl.constexpr):
+    """Ask L2 for the keys and values of the first TILES tiles of [tile_lo, tile_hi) that lie before
+    context_len (written in earlier steps), one address per 128-byte line (KV_LINES a head's row)."""
+    per_line: tl.constexpr = 1024 // k_cache_ptr.dtype.element_ty.primitive_bitwidth
+    lines = tl.arange(0, KV_LINES) * per_line
+    for i in tl.static_range(TILES):
+        j = tile_lo + i
+        k_pos = j * TILE_N + tl.arange(0, TILE_N)
+        ok = (k_pos < context_len) & (j < tile_hi)
+        kv_off = _tile_kv_offsets(table, j, context_len, head_off, c_stride_b, c_stride_s, BLOCK_SIZE, TILE_N, True,
+                                  False)[:, None] + lines[None, :]
+        prefetch_l2(k_cache_ptr + kv_off, ok[:, None])
+        prefetch_l2(v_cache_ptr + kv_off, ok[:, None])
+
+
 # num_seqs and bt_stride (the block table's width) vary step to step: one compile, not one per value class
 @lazy_jit(do_not_specialize=["num_seqs", "bt_stride"])
 def _paged_attention_kernel(
@@ -265,29 +284,28 @@ def _paged_attention_kernel(
         NUM_SEGMENTS: tl.constexpr, MIN_SEGMENT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr, UNMASKED_PREFIX: tl.constexpr, MODE: tl.constexpr, KV_FP8: tl.constexpr,
         FMA_SOFTMAX: tl.constexpr, K_ROW_MAJOR: tl.constexpr, EARLY_V: tl.constexpr, DOT_ACC: tl.constexpr,
-        HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr, REVERSE_TILES: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
+        HOIST_TABLE: tl.constexpr, PREFETCH_TABLE: tl.constexpr, REVERSE_TILES: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH_KV: tl.constexpr, KV_LINES: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
-
+    # Up to pdl_wait, only what no kernel of this forward pass writes: the batch's layout, the block table and
+    # (PREFETCH_KV) keys and values of earlier steps. Every program waits, even one with nothing to do: the
+    # next kernel's wait for ours must mean the kernel before ours is done too.
     if MODE == 1:   # MODE_DECODE, grid (num_seqs, ...): a program per sequence, one-token queries only
         seq = q_tile
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
         local_tile = 0
-        if q_len != 1:
-            return
+        idle = q_len != 1
     else:
         seq = tl.maximum(_find_sequence(query_start_loc_ptr, q_tile, num_seqs, BLOCK_Q), 0)
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
         local_tile = q_tile - (q_start // BLOCK_Q + seq)
-        if (local_tile < 0) | (local_tile * BLOCK_Q >= q_len):
-            return
+        idle = (local_tile < 0) | (local_tile * BLOCK_Q >= q_len)
         if MODE == 2:   # MODE_PREFILL: the decode launch serves one-token queries
-            if q_len == 1:
-                return
+            idle = idle | (q_len == 1)
         if REVERSE_TILES:
             # a sequence's last tiles (the longest causal spans) start first, so the grid's last wave is short tiles
             local_tile = tl.cdiv(q_len, BLOCK_Q) - 1 - local_tile
@@ -301,8 +319,6 @@ def _paged_attention_kernel(
     head = kv_head * GROUP + offs_m % GROUP
     row_ok = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
     token = (q_start + q_idx).to(tl.int64)
-    q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     q_pos = context_len + q_idx  # absolute position of each row's query
 
     # keys this tile can see end at the causal frontier of its last query
@@ -315,14 +331,22 @@ def _paged_attention_kernel(
     else:
         tile_lo = 0
         tile_hi = num_tiles
+    table = block_tables_ptr + seq.to(tl.int64) * bt_stride
+    head_off = kv_head.to(tl.int64) * c_stride_h
+    if PREFETCH_KV > 0:
+        _prefetch_kv_l2(k_cache_ptr, v_cache_ptr, table, head_off, tile_lo, tl.where(idle, tile_lo, tile_hi),
+                        context_len, c_stride_b, c_stride_s, BLOCK_SIZE, TILE_N, PREFETCH_KV, KV_LINES)
+    pdl_wait(PDL)
+    if idle:
+        return
+    q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
 
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * bt_stride
-    head_off = kv_head.to(tl.int64) * c_stride_h
     if UNMASKED_PREFIX:
         # tiles wholly at or before the first row's query need no masks (every key is written and visible)
         num_full = (context_len + local_tile * BLOCK_Q + 1) // TILE_N
@@ -416,6 +440,9 @@ def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, d
 # The tile-loop variants (see the module's docstring), each a constexpr of the kernel, by keyword of
 # paged_attention_triton. A call that leaves one None gets PREFILL_VARIANT's value on prefill-sized tiles
 # (BLOCK_M >= 64) and False on decode tiles, whose code is then today's; True or False forces it on any tiles.
+# Decode tiles: KV tiles a program asks L2 for before its PDL wait (positions before the step's new tokens, which
+# no kernel of the step writes), while the kernel before (q/k norm, rotary, cache write) runs. 0: off.
+PREFETCH_KV_TILES = 1
 VARIANT_KNOBS = ("fma_softmax", "k_row_major", "dot_acc", "early_v", "hoist_table", "prefetch_table", "reverse_tiles")
 # The H100 sweep's winner (bench/prefill_attention.py, RESULTS.md): the FlashAttention-2 loop (FMA softmax, K in
 # the cache's order, P @ V accumulating in the dot); the other knobs did not pay at the chosen tiles.
@@ -498,6 +525,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         seg_sum = torch.empty_like(seg_max)
     else:
         seg_out = seg_max = seg_sum = out   # unused
+    launch = pdl(q.device, feeds_gemm=segs == 1)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seg_out, seg_max, seg_sum,
         k_scale if fp8 else out, v_scale if fp8 else out,   # unused unless fp8
@@ -512,11 +540,21 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
         UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache), **_variant_constexprs(variant, bm),
-        num_warps=warps, num_stages=stages, **pdl(q.device, feeds_gemm=segs == 1))
+        **_prefetch_kv(launch, bm, head_dim * k_cache.element_size()), num_warps=warps, num_stages=stages, **launch)
     if segs > 1:
         _reduce_segments_kernel[(num_tokens, num_q_heads)](
             out, seg_out, seg_max, seg_sum, num_q_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SEGMENTS=segs, num_warps=4, **pdl(q.device, feeds_gemm=True))
+
+
+def _prefetch_kv(launch: dict, block_m: int, row_bytes: int) -> dict:
+    """PREFETCH_KV (tiles) and KV_LINES (128-byte lines a head's row) of a launch: on decode tiles of a PDL
+    launch, whose kernel before releases it early (kernels.pdl.RELEASE_BEFORE_ATTENTION), for rows of a
+    power-of-two count of whole lines; else off."""
+    lines = row_bytes // 128
+    on = (launch["PDL"] and block_m < 64 and PREFETCH_KV_TILES and pdl_module.RELEASE_BEFORE_ATTENTION
+          and row_bytes % 128 == 0 and lines & (lines - 1) == 0)
+    return dict(PREFETCH_KV=PREFETCH_KV_TILES if on else 0, KV_LINES=lines if on else 1)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=None,

@@ -11,6 +11,7 @@ from kernels.pdl import pdl
 def test_off_where_not_supported():
     assert pdl(torch.device("cpu")) == {"PDL": False}
     assert pdl(torch.device("cpu"), feeds_gemm=True) == {"PDL": False}
+    assert pdl(torch.device("cpu"), feeds_attention=True) == {"PDL": False}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -22,5 +23,8 @@ def test_on_from_hopper_unless_switched_off(monkeypatch):
         monkeypatch.setattr(pdl_module, "RELEASE_BEFORE_GEMM", release)
         assert pdl(device, feeds_gemm=True) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
         assert pdl(device) == pdl(device, feeds_gemm=False)   # the others wait only
+    for release, constexpr in [(None, True), ("after_wait", 2), ("at_start", 3)]:
+        monkeypatch.setattr(pdl_module, "RELEASE_BEFORE_ATTENTION", release)
+        assert pdl(device, feeds_attention=True) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
     monkeypatch.setattr(pdl_module, "USE_PDL", False)
     assert pdl(device) == {"PDL": False}
