@@ -2,6 +2,9 @@
 family (UnquantizedLinear) run the Triton weight-streaming kernel (kernels.fp8_gemm.weight_gemm_triton) for
 flattened M <= the switch on the Triton path, torch's GEMM above it and with the switch at 0; both give the
 same outputs within fp32 rounding (the tests set the switch; it ships at 16). On CPU under the Triton interpreter (tests/kernels), fp32 weights."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -79,8 +82,8 @@ def forward_logits(path, launches, steps=3):
 
 
 def test_model_with_the_switch_gives_torch_logits(monkeypatch, launches, tiny_checkpoints):
-    """Qwen2 (q/k/v with bias): every projection of both layers goes through the kernel at prefill and
-    decode sizes, and the logits match torch's GEMM's."""
+    """Qwen2 (q/k/v with bias): every projection of both layers and the LM head go through the kernel at
+    prefill and decode sizes, and the logits match torch's GEMM's."""
     path = tiny_checkpoints["qwen2"]
     monkeypatch.setattr(quantization, "TRITON_BF16_GEMV_MAX_M", 0)
     torch_logits = forward_logits(path, launches)
@@ -89,5 +92,9 @@ def test_model_with_the_switch_gives_torch_logits(monkeypatch, launches, tiny_ch
     kernel_logits = forward_logits(path, launches)
     prefill = sorted({m for m, _, _ in launches})
     assert prefill == [3, sum(len(p) for p in prompt_set(3, seed=2))]
-    assert len(launches) == 3 * 2 * 4          # steps x layers x (qkv, o, gate_up, down)
+    # steps x (layers x (qkv, o, gate_up, down) + the LM head, on the last token of each sequence: M = 3)
+    assert len(launches) == 3 * (2 * 4 + 1)
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    assert sum(1 for m, _, n in launches if n == vocab) == 3 and all(m == 3 for m, _, n in launches if n == vocab)
     torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-4, atol=1e-4)
