@@ -78,12 +78,14 @@ def _qk_norm_rotary_store_kernel(
     """One program per token: all its q heads (written back in place), then, unless its slot is
     padding (< 0), all its k and v heads into the cache. int64 token and slot offsets. KV_FP8: the
     caches are float8 and take value / scale."""
-    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
+    # before the wait, what no kernel of the forward pass writes: the batch's positions and slots, the angles
     pos = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cs_ptr + pos * cs_stride + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs_ptr + pos * cs_stride + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+    pdl_wait(PDL)
 
     q_heads, q_mask = _head_tile(num_q_heads, offs, HALF, BLOCK_HQ)
     q_at = q_ptr + t * q_stride_t + q_heads * q_stride_h + offs[None, :]
@@ -91,7 +93,6 @@ def _qk_norm_rotary_store_kernel(
     tl.store(q_at, q1.to(q_ptr.dtype.element_ty), mask=q_mask)
     tl.store(q_at + HALF, q2.to(q_ptr.dtype.element_ty), mask=q_mask)
 
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         kv_heads, kv_mask = _head_tile(num_kv_heads, offs, HALF, BLOCK_HK)
         dst = (slot // BLOCK_SIZE) * c_stride_b + (slot % BLOCK_SIZE) * c_stride_s + kv_heads * c_stride_h + offs[None, :]
