@@ -3,6 +3,7 @@
 On CPU these run under the Triton interpreter on small shapes; on CUDA the same cases run compiled,
 plus realistic shapes (Llama-3-8B heads, batches up to 256, contexts up to 8k).
 """
+import importlib
 import random
 
 import pytest
@@ -283,3 +284,38 @@ def test_gpu_cache_offsets_past_int32():
             new_id -= 1
     assert_close(run_kernel(b), ref_attention(b))
     assert_close(run_kernel(b, num_segments=4), ref_attention(b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the reads before the PDL wait run on a GPU with PDL (Hopper)")
+@pytest.mark.parametrize("split_decodes", [False, True])
+def test_reads_before_the_wait_change_no_bits(monkeypatch, split_decodes):
+    """Keys and values of earlier steps (0 to 2 tiles) asked of L2 before the wait, on decodes split in
+    segments or not and a mixed batch in two launches: every output bit as without them."""
+    attention_module = importlib.import_module("kernels.paged_attention")   # the package's name is the function
+    outs = {}
+    decodes = make_paged_batch(DECODE_LENS, [1] * len(DECODE_LENS), 2, 4, 128, 16, torch.bfloat16, seed=5)
+    mixed = make_paged_batch(*zip(*MIXED), 2, 4, 128, 16, torch.bfloat16, seed=6)
+    for tiles in (0, 1, 2):
+        monkeypatch.setattr(attention_module, "PREFETCH_KV_TILES", tiles)
+        for name, b in (("decodes", decodes), ("mixed", mixed)):
+            for segments in ((1, 4) if name == "decodes" and not split_decodes else (None,)):
+                assert attention_module._prefetch_kv({"PDL": True}, 16, 256)["PREFETCH_KV"] == tiles
+                outs[tiles, name, segments] = paged_attention_triton(
+                    b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"], b["query_start_loc"],
+                    b["scale"], 64 if name == "mixed" else 1, split_decodes=split_decodes, num_segments=segments)
+    for (tiles, name, segments), out in outs.items():
+        assert torch.equal(out, outs[0, name, segments]), (tiles, name, segments)
+
+
+def test_kv_prefetch_only_on_decode_tiles_of_whole_lines(monkeypatch):
+    """PREFETCH_KV_TILES reaches the kernel on PDL launches of decode-sized tiles whose head rows are a
+    power-of-two count of 128-byte lines, with the prologue releasing attention early; else 0."""
+    attention_module = importlib.import_module("kernels.paged_attention")
+    on = {"PDL": 2}
+    assert attention_module._prefetch_kv(on, 16, 256) == {"PREFETCH_KV": attention_module.PREFETCH_KV_TILES,
+                                                          "KV_LINES": 2}
+    assert attention_module._prefetch_kv(on, 16, 128)["KV_LINES"] == 1   # e4m3, head_dim 128
+    for launch, block_m, row_bytes in ((on, 64, 256), ({"PDL": False}, 16, 256), (on, 16, 64), (on, 16, 384)):
+        assert attention_module._prefetch_kv(launch, block_m, row_bytes)["PREFETCH_KV"] == 0
+    monkeypatch.setattr(importlib.import_module("kernels.pdl"), "RELEASE_BEFORE_ATTENTION", None)
+    assert attention_module._prefetch_kv(on, 16, 256)["PREFETCH_KV"] == 0
