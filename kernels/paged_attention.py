@@ -38,6 +38,9 @@ FP8 caches (kv_cache_dtype fp8): K/V tiles are float8 e4m3, converted to q's dty
 value is a bf16, fp16 and fp32 value) for the same dots; the per-tensor k_scale folds into the score
 scale and v_scale multiplies the fp32 accumulator, so scales cost nothing per tile and are read on the
 device (no host sync, CUDA-graph safe).
+Under PDL (kernels.pdl) a program finds its sequence and tiles, and on decode tiles asks L2 for its first keys
+and values of earlier steps (PREFETCH_KV_TILES), before it waits for the kernel before (which releases it
+early): none of that is written by a kernel of the forward pass; q is read after the wait.
 """
 from __future__ import annotations
 
@@ -437,12 +440,15 @@ def launch_configs(group, head_dim, num_kv_heads, max_num_seqs, max_query_len, d
     return found
 
 
+# Decode tiles: KV tiles a program asks L2 for before its PDL wait (positions before the step's new tokens, which
+# no kernel of the step writes), while the kernel before (q/k norm, rotary, cache write) runs. 0: off. H100,
+# single-request FP8 decode (RESULTS.md): p50 3.742 ms with the early release alone, 3.729 with 1 tile, 3.736 with 2.
+PREFETCH_KV_TILES = 1
+
+
 # The tile-loop variants (see the module's docstring), each a constexpr of the kernel, by keyword of
 # paged_attention_triton. A call that leaves one None gets PREFILL_VARIANT's value on prefill-sized tiles
 # (BLOCK_M >= 64) and False on decode tiles, whose code is then today's; True or False forces it on any tiles.
-# Decode tiles: KV tiles a program asks L2 for before its PDL wait (positions before the step's new tokens, which
-# no kernel of the step writes), while the kernel before (q/k norm, rotary, cache write) runs. 0: off.
-PREFETCH_KV_TILES = 1
 VARIANT_KNOBS = ("fma_softmax", "k_row_major", "dot_acc", "early_v", "hoist_table", "prefetch_table", "reverse_tiles")
 # The H100 sweep's winner (bench/prefill_attention.py, RESULTS.md): the FlashAttention-2 loop (FMA softmax, K in
 # the cache's order, P @ V accumulating in the dot); the other knobs did not pay at the chosen tiles.
