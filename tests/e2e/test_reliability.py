@@ -211,15 +211,21 @@ def check_recovery(srv, outcome, streams=4):
 
 
 def recovered_by(srv, outcome):
-    """Who brought the model back: the launcher (it saw the stub a zombie for its grace, 1 s, and restarted
-    tritonserver) or Triton's Python backend (a new stub in the same server: CI once recovered with no launcher
-    restart in the log; locally, Triton left a dead stub alone for 30 s). Either is asserted exactly."""
-    if f"the Python-backend stub (pid {outcome['old_stub']}) died: restarting tritonserver" in srv.log():
+    """Who brought the model back, each path asserted exactly: the launcher restarted tritonserver (a new
+    tritonserver, and the launcher's log says why: it saw the killed stub a zombie for its grace, 1 s, or
+    tritonserver itself exited after its stub died, which CI saw), or Triton's Python backend started a
+    new stub in the same server (locally, Triton left a dead stub alone for 30 s)."""
+    launcher = [line for line in srv.log().splitlines() if line.startswith("serve.py: ")]
+    restarts = [line for line in launcher if line.endswith(": restarting tritonserver")]
+    if restarts:
         assert tritonserver_pid(srv) != outcome["old_server"]
-        return "the launcher"
+        stub_died = f"the Python-backend stub (pid {outcome['old_stub']}) died: restarting tritonserver"
+        assert len(restarts) == 1 and (restarts[0].endswith(stub_died) or " tritonserver exited with " in
+                                       restarts[0]), restarts
+        return "the launcher: " + restarts[0].removeprefix("serve.py: ").removesuffix(": restarting tritonserver")
     stubs = live_stubs(srv)
     assert tritonserver_pid(srv) == outcome["old_server"] and stubs and outcome["old_stub"] not in stubs, \
-        f"neither the launcher nor Triton restarted the stub: {srv.log()[-2000:]}"
+        f"neither the launcher nor Triton restarted the stub; the launcher said: {launcher}"
     return "Triton"
 
 
