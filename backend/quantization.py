@@ -47,6 +47,11 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # M = 64 on. M is a shape, so the choice is fixed per captured CUDA graph.
 TRITON_W8A16_MAX_M = 32
 
+# Off the Triton path (CPU), every row count multiplies the FP8 weights' exact values with unquantized
+# activations (kernels.fp8_gemm.fp8_weight_gemm_ref, the W8A16 kernel's math) instead of W8A8:
+# bench/fp8_quality.py --weight-only sets it, to measure the weight-only arithmetic the GPU's decode runs.
+TORCH_PATH_WEIGHT_ONLY = False
+
 # Largest flattened M at which the unquantized projections (weights in the model's dtype, bf16 when served)
 # take the Triton weight-streaming kernel on CUDA instead of torch's GEMM (cuBLAS). H100: the Llama-3-8B
 # projections' sum 158 vs 161 us at M = 1, 161 vs 164 at M = 16, a loss at 32 (bench/fp8_gemm.py); in the
@@ -159,7 +164,8 @@ class Fp8Linear(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             if not rows.shape[0]:
                 return x.new_empty(*lead, self.out_features)
-            if kernels.use_triton(rows) and self._takes_w8a16(rows.shape[0]):
+            on_triton = kernels.use_triton(rows)
+            if (on_triton and self._takes_w8a16(rows.shape[0])) or (TORCH_PATH_WEIGHT_ONLY and not on_triton):
                 y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
                 return y.reshape(*lead, self.out_features)
             x_fp8, x_scale = quantize_rows(rows)

@@ -9,10 +9,13 @@ For each configuration (fp8 weights, fp8 KV cache, both) against the model in it
 
     python bench/fp8_quality.py                                 # the default model, on this device
     python bench/fp8_quality.py --model DIR --dtype bfloat16    # e.g. a real checkpoint on the GPU
+    python bench/fp8_quality.py --weight-only                   # CPU: FP8 weights x unquantized activations
 
 Prompts are lines of the TinyShakespeare text (tools/data), tokenized with the model's tokenizer.
-On a CPU, FP8 GEMMs run through torch._scaled_mm's CPU path and the FP8 cache through the same
-kernels' reference code: the numbers are those of the same arithmetic.
+On a CPU, FP8 GEMMs run through torch._scaled_mm's CPU path (W8A8: activations quantized per token, as
+the GPU runs batches of more than 32 rows; --weight-only: the W8A16 kernel's math, as the GPU's decode runs
+at <= 32 rows) and the FP8 cache through the same kernels' reference code: the numbers are those of the same
+arithmetic.
 """
 import argparse
 import json
@@ -97,7 +100,12 @@ def main(argv=None):
     ap.add_argument("--yardstick", default="", help="also compare this dtype (no FP8) with the reference, "
                                                      "e.g. bfloat16 against an fp32 reference: how much a "
                                                      "rounding change alone moves greedy outputs")
+    ap.add_argument("--weight-only", action="store_true",
+                    help="off the Triton path (CPU), FP8 weights against unquantized activations at every row "
+                         "count (the W8A16 math the GPU's decode runs at <= 32 rows) instead of W8A8")
     a = ap.parse_args(argv)
+    import backend.quantization
+    backend.quantization.TORCH_PATH_WEIGHT_ONLY = a.weight_only
     from transformers import AutoTokenizer
     prompts = prompt_ids(AutoTokenizer.from_pretrained(a.model), a.prompts)
     max_len = max(map(len, prompts)) + a.tokens + 8
@@ -114,6 +122,8 @@ def main(argv=None):
         agree = sum(x == y for r, t in zip(ref_tokens, tokens) for x, y in zip(r, t)) / (len(prompts) * a.tokens)
         logprobs = teacher_forced_logprobs(params, prompts, ref_tokens)
         top1 = (logprobs.argmax(-1) == ref_logprobs.argmax(-1)).float().mean().item()
+        if a.weight_only and "quantization" in extra:
+            name += ", weight-only math"
         row = dict(config=name, model=os.path.basename(a.model.rstrip("/")), dtype=a.dtype, prompts=len(prompts),
                    tokens=a.tokens, greedy_agreement=round(agree, 4), mean_kl=float(f"{mean_kl(ref_logprobs, logprobs):.3e}"),
                    teacher_forced_top1=round(top1, 4))

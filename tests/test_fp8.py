@@ -65,6 +65,23 @@ def test_fp8_linear_equals_dequantized_fp32_reference(bias, m):
     assert rel.max() < 0.06, rel
 
 
+@pytest.mark.parametrize("m", [5, 64])
+def test_torch_path_weight_only_switch(monkeypatch, m):
+    """TORCH_PATH_WEIGHT_ONLY (bench/fp8_quality.py --weight-only): off the Triton path every row count gets
+    the W8A16 kernel's math (kernels.fp8_gemm.fp8_weight_gemm_ref: x as it is), exactly; off, the per-token
+    W8A8 math, which rounds x too and so differs."""
+    import backend.quantization as quantization
+    from kernels.fp8_gemm import fp8_weight_gemm_ref
+    g = torch.Generator().manual_seed(3)
+    layer = Fp8Linear.from_linear(nn.Linear(96, 48, bias=True))
+    x = torch.randn(m, 96, generator=g)
+    w8a8 = layer(x)
+    monkeypatch.setattr(quantization, "TORCH_PATH_WEIGHT_ONLY", True)
+    weight_only = layer(x)
+    assert torch.equal(weight_only, fp8_weight_gemm_ref(x, layer.weight, layer.weight_scale, layer.bias))
+    assert not torch.equal(weight_only, w8a8)
+
+
 def test_per_token_scales_make_rows_independent_of_the_batch():
     """A token's output does not depend on its batch: a huge row (or a zero padding row) beside it
     changes nothing, as per-token scales promise (a per-tensor scale would crush the small row)."""
