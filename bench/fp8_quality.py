@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import backend.quantization as quantization  # noqa: E402
 from backend.config import EngineConfig  # noqa: E402
 from backend.engine import LLMEngine  # noqa: E402
 from backend.model_runner import ModelRunner  # noqa: E402
@@ -104,8 +105,7 @@ def main(argv=None):
                     help="off the Triton path (CPU), FP8 weights against unquantized activations at every row "
                          "count (the W8A16 math the GPU's decode runs at <= 32 rows) instead of W8A8")
     a = ap.parse_args(argv)
-    import backend.quantization
-    backend.quantization.TORCH_PATH_WEIGHT_ONLY = a.weight_only
+    quantization.TORCH_PATH_WEIGHT_ONLY = a.weight_only
     from transformers import AutoTokenizer
     prompts = prompt_ids(AutoTokenizer.from_pretrained(a.model), a.prompts)
     max_len = max(map(len, prompts)) + a.tokens + 8
