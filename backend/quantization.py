@@ -164,8 +164,7 @@ class Fp8Linear(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             if not rows.shape[0]:
                 return x.new_empty(*lead, self.out_features)
-            on_triton = kernels.use_triton(rows)
-            if (on_triton and self._takes_w8a16(rows.shape[0])) or (TORCH_PATH_WEIGHT_ONLY and not on_triton):
+            if self._takes_w8a16(rows.shape[0]) if kernels.use_triton(rows) else TORCH_PATH_WEIGHT_ONLY:
                 y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
                 return y.reshape(*lead, self.out_features)
             x_fp8, x_scale = quantize_rows(rows)

@@ -71,8 +71,8 @@ def pdl_release(PDL: tl.constexpr):
 
 @lazy_jit
 def pdl_wait(PDL: tl.constexpr):
-    """Wait for the previous kernel: its writes are visible after this. PDL 2 and 3 (pdl(feeds_gemm=True))
-    also let the next kernel launch, after the wait or before it."""
+    """Wait for the previous kernel: its writes are visible after this. PDL 2 and 3 (pdl(feeds_gemm=True) or
+    pdl(feeds_attention=True)) also let the next kernel launch, after the wait or before it."""
     if PDL == 3:
         tl.extra.cuda.gdc_launch_dependents()
     if PDL:

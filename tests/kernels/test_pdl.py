@@ -19,12 +19,10 @@ def test_on_from_hopper_unless_switched_off(monkeypatch):
     device = torch.device("cuda")
     on = torch.cuda.get_device_capability()[0] >= 9
     assert pdl(device) == ({"PDL": True, "launch_pdl": True} if on else {"PDL": False})
-    for release, constexpr in [(None, True), ("after_wait", 2), ("at_start", 3)]:
-        monkeypatch.setattr(pdl_module, "RELEASE_BEFORE_GEMM", release)
-        assert pdl(device, feeds_gemm=True) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
-        assert pdl(device) == pdl(device, feeds_gemm=False)   # the others wait only
-    for release, constexpr in [(None, True), ("after_wait", 2), ("at_start", 3)]:
-        monkeypatch.setattr(pdl_module, "RELEASE_BEFORE_ATTENTION", release)
-        assert pdl(device, feeds_attention=True) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
+    for setting, feeds in (("RELEASE_BEFORE_GEMM", "feeds_gemm"), ("RELEASE_BEFORE_ATTENTION", "feeds_attention")):
+        for release, constexpr in [(None, True), ("after_wait", 2), ("at_start", 3)]:
+            monkeypatch.setattr(pdl_module, setting, release)
+            assert pdl(device, **{feeds: True}) == ({"PDL": constexpr, "launch_pdl": True} if on else {"PDL": False})
+            assert pdl(device) == pdl(device, **{feeds: False})   # the others wait only
     monkeypatch.setattr(pdl_module, "USE_PDL", False)
     assert pdl(device) == {"PDL": False}
