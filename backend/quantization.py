@@ -35,7 +35,7 @@ from torch import nn
 
 import kernels
 from kernels.fp8 import FP8_DTYPE
-from kernels.fp8_gemm import weight_gemm
+from kernels.fp8_gemm import fp8_w8a8_gemm_triton, weight_gemm
 
 # The decoder layers' projections that run in FP8 (the embedding and the LM head stay in the model's dtype,
 # as in vLLM's FP8 checkpoints).
@@ -51,6 +51,14 @@ TRITON_W8A16_MAX_M = 32
 # activations (kernels.fp8_gemm.fp8_weight_gemm_ref, the W8A16 kernel's math) instead of W8A8:
 # bench/fp8_quality.py --weight-only sets it, to measure the weight-only arithmetic the GPU's decode runs.
 TORCH_PATH_WEIGHT_ONLY = False
+
+# At those sizes, projections whose input the op before quantizes per token in its own launch (the fused
+# q/k/v and gate/up after an RMSNorm, down after SiLU-and-mul; not o, whose input comes from attention) stream
+# e4m3 x e4m3 through the same kernel (kernels.fp8_gemm.fp8_w8a8_gemm_triton, the dot swapped so the weight
+# tile is the wide operand): no conversion in the loop. H100 bench (bench/fp8_gemm.py --variants, RESULTS.md
+# "Call B"): qkv 12.9 -> 11.2 us, gate_up 42.7 -> 41.1, down 25.0 -> 23.5 at M = 1. Off: not yet run in the
+# decode step, and a token's activations are then quantized at every batch size.
+TRITON_W8A8_STREAM = False
 
 # Largest flattened M at which the unquantized projections (weights in the model's dtype, bf16 when served)
 # take the Triton weight-streaming kernel on CUDA instead of torch's GEMM (cuBLAS). H100: the Llama-3-8B
@@ -152,13 +160,18 @@ class Fp8Linear(nn.Module):
         return num_rows <= TRITON_W8A16_MAX_M
 
     def quantizes_input(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) would quantize x per token on the Triton path (W8A8): the op before may do
-        it in its own launch instead and hand over an Fp8Activation."""
-        return kernels.use_triton(x) and not self._takes_w8a16(x.numel() // x.shape[-1])
+        """Whether forward(x) would quantize x per token on the Triton path (W8A8, or the e4m3 x e4m3
+        stream at small sizes: TRITON_W8A8_STREAM): the op before may do it in its own launch instead and
+        hand over an Fp8Activation."""
+        return kernels.use_triton(x) and (TRITON_W8A8_STREAM or not self._takes_w8a16(x.numel() // x.shape[-1]))
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):   # quantized by the op before
             x_fp8, x_scale, lead = x.data, x.scale, x.shape[:-1]
+            if kernels.use_triton(x_fp8) and self._takes_w8a16(x_fp8.shape[0]):   # TRITON_W8A8_STREAM
+                y = fp8_w8a8_gemm_triton(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype,
+                                         swap_ab=True)
+                return y.reshape(*lead, self.out_features)
         else:
             lead = x.shape[:-1]
             rows = x.reshape(-1, x.shape[-1])

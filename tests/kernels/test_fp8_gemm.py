@@ -326,6 +326,30 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
     assert launches == [(4, 200)]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_w8a8_stream_path(monkeypatch, bias):
+    """TRITON_W8A8_STREAM on: at M <= TRITON_W8A16_MAX_M an Fp8Linear asks for its input quantized
+    (quantizes_input, so the op before hands an Fp8Activation) and streams it e4m3 x e4m3 with the dot swapped:
+    the W8A8 math within the fp32-sum bound; an unquantized x (the o projection's) still runs W8A16, and off,
+    the layer does not ask."""
+    import backend.quantization as quantization
+    launches = []
+    monkeypatch.setattr(quantization, "fp8_w8a8_gemm_triton",
+                        lambda *a, **kw: launches.append((a[0].shape, kw)) or fp8_gemm.fp8_w8a8_gemm_triton(*a, **kw))
+    layer = fp8_layer(torch.float32, bias)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 200, generator=g).to(DEVICE)
+    assert not layer.quantizes_input(x)
+    monkeypatch.setattr(quantization, "TRITON_W8A8_STREAM", True)
+    assert layer.quantizes_input(x)
+    x_fp8, x_scale = kernels.per_token_quant_fp8(x)
+    y = layer(quantization.Fp8Activation(x_fp8, x_scale))
+    assert launches == [((4, 200), {"swap_ab": True})] and y.shape == (4, 72) and y.dtype == torch.float32
+    assert_within_fp32_sum_error(y, x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
+    layer(x)   # bf16 / fp32 rows: W8A16, not the e4m3 stream
+    assert len(launches) == 1
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the prefetch is PTX, compiled on a GPU with PDL (Hopper)")
 @pytest.mark.parametrize("quantized", [True, False])
 def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
@@ -340,3 +364,26 @@ def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
             outs[steps, split_k] = gemm(quantized, x, w, scale, b, split_k=split_k, block_k=128 // w.element_size())
     for (steps, split_k), out in outs.items():
         assert torch.equal(out, outs[0, split_k]), (steps, split_k)
+
+
+def test_fp8_model_streams_quantized_inputs_e4m3(monkeypatch, tiny_checkpoints):
+    """TRITON_W8A8_STREAM on, quantization fp8, decode steps (M = 3): per layer the fused q/k/v and gate/up
+    (after an RMSNorm that quantizes) and down (after SiLU-and-mul that quantizes) stream e4m3 x e4m3, o stays
+    W8A16; the logits stay within FP8-activation rounding of those with the flag off."""
+    import backend.quantization as quantization
+    from tests.kernels.test_weight_gemm_routing import forward_logits
+    streamed, w8a16 = [], []
+    monkeypatch.setattr(quantization, "fp8_w8a8_gemm_triton",
+                        lambda *a, **kw: streamed.append(a[0].shape) or fp8_gemm.fp8_w8a8_gemm_triton(*a, **kw))
+    monkeypatch.setattr(kernels, "fp8_weight_gemm",
+                        lambda *a, **kw: w8a16.append(a[0].shape) or fp8_gemm.fp8_weight_gemm(*a, **kw))
+    path = tiny_checkpoints["llama"]
+    off = forward_logits(path, [], quantization="fp8")
+    decode_w8a16 = [shape for shape in w8a16 if shape[0] == 3]
+    assert streamed == [] and len(decode_w8a16) == 2 * 2 * 4   # decode steps x layers x projections
+    w8a16.clear()
+    monkeypatch.setattr(quantization, "TRITON_W8A8_STREAM", True)
+    on = forward_logits(path, [], quantization="fp8")
+    assert len([s for s in streamed if s[0] == 3]) == 2 * 2 * 3 and len([s for s in w8a16 if s[0] == 3]) == 2 * 2
+    assert torch.isfinite(on).all()
+    torch.testing.assert_close(on, off, rtol=0.1, atol=0.1)

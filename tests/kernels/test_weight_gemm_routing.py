@@ -59,11 +59,11 @@ def test_switch_routes_small_m_to_the_kernel(monkeypatch, launches, bias):
     assert launches == [(4, 200, 72)]
 
 
-def forward_logits(path, launches, steps=3):
+def forward_logits(path, launches, steps=3, **config):
     """Logits of a prefill of 3 prompts, then decode steps of the three (M = 3) feeding fixed tokens; eager
-    (on a GPU too: each launch is counted)."""
+    (on a GPU too: each launch is counted). config: more engine parameters."""
     runner = ModelRunner(engine_config(path, num_gpu_blocks_override=32, max_num_seqs=4, max_num_batched_tokens=64,
-                                       dtype="float32", device=DEVICE.type, enforce_eager="true"))
+                                       dtype="float32", device=DEVICE.type, enforce_eager="true", **config))
     launches.clear()   # those of the runner's start (on CUDA its warm-up runs forwards)
     seqs = []
     for i, p in enumerate(prompt_set(3, seed=2)):
