@@ -163,7 +163,11 @@ class ModelRunner:
                 if row is not None:
                     at.append(i)
                     rows.append(row)
-        if at:
+        if at and at == list(range(at[0], at[0] + len(at))) and rows == list(range(rows[0], rows[0] + len(rows))):
+            # the usual decode step (the same sequences in the same order): one device-to-device copy, not two
+            # host-to-device index copies and a gather-scatter
+            input_ids[at[0]:at[0] + len(at)].copy_(in_flight.token_ids[rows[0]:rows[0] + len(rows)])
+        elif at:
             input_ids[to_device(at, self.device)] = in_flight.token_ids[to_device(rows, self.device)]
 
     def _run_graph(self, key, out: SchedulerOutput, in_flight: StepResult | None) -> torch.Tensor:

@@ -16,12 +16,13 @@ channels (exact), so q, k and v with different scales fuse by concatenation. A c
 
 On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests check the real thing.
 
-Small batches (decode) may instead run W8A16 (kernels.fp8_weight_gemm: x as it is, e4m3 weights
-dequantized in registers, one Triton launch, no activation quantization): on CUDA when the flattened M
-is at most TRITON_W8A16_MAX_M. cuBLASLt's FP8 GEMM is built for large M; at decode sizes the GEMM is a
-weight stream, and which is faster is for bench/fp8_gemm.py on the H100 to say. The two paths round
-differently (W8A16 leaves x unquantized), so a token computed in a batch of <= 32 rows may differ in
-the last bits from the same token in a larger batch, as with any M-dependent GEMM choice.
+Up to TRITON_W8A8_MAX_M rows (decode) on CUDA the same W8A8 math runs in the Triton weight-streaming kernel
+(kernels.fp8_gemm.fp8_w8a8_gemm_triton: e4m3 x e4m3 tensor-core dots, fp32 sums over K slices): cuBLASLt's FP8
+GEMM is built for large M, and at decode sizes the GEMM is a stream of the weight. The op before a projection
+quantizes its input where it is one launch already (the RMSNorm before q/k/v and gate/up, SiLU-and-mul
+before down: quantizes_input), so a decode layer adds one quantizing launch (o's input). The W8A16 kernel
+(kernels.fp8_weight_gemm: x as it is, the weights dequantized in registers) remains for at most
+TRITON_W8A16_MAX_M rows (0: off, the default).
 
 Unquantized projections (UnquantizedLinear, vLLM's UnquantizedLinearMethod) run torch's GEMM (cuBLAS), or
 the same Triton weight-streaming kernel on their weights in the model's dtype (kernels.fp8_gemm.weight_gemm)
@@ -41,24 +42,20 @@ from kernels.fp8_gemm import fp8_w8a8_gemm_triton, weight_gemm
 # as in vLLM's FP8 checkpoints).
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Largest flattened M that takes the Triton W8A16 kernel on CUDA (above it, _scaled_mm). On the H100
-# (bench/fp8_gemm.py, RESULTS.md) the kernel beats per-token quantization + _scaled_mm at M <= 32 on every
-# projection of the Llama-3-8B and Qwen3-0.6B shapes but Llama's gate_up (56 vs 50 us), and loses from
-# M = 64 on. M is a shape, so the choice is fixed per captured CUDA graph.
-TRITON_W8A16_MAX_M = 32
+# Largest flattened M that takes the Triton W8A16 kernel on CUDA (x not quantized); 0: none. It used to be 32;
+# the W8A8 stream with fast per-token quantization beat it in the H100 decode step (bench/RESULTS.md, profile_decode
+# FP8, Llama-3-8B shape, 512 context): 1 sequence 3.72 -> 3.60 ms a step, 16: 4.42 -> 4.20, 32: 5.97 -> 4.74.
+# W8A8 is also vLLM's FP8 math, and a token's activations are then quantized alike at every batch size.
+TRITON_W8A16_MAX_M = 0
+
+# Largest flattened M whose W8A8 GEMMs stream through the Triton kernel on CUDA (above it, _scaled_mm). H100
+# (same profile): 64 sequences 6.68 -> 5.79 ms a step; at 128, 8.29 (cuBLAS) against 9.12 (Triton).
+TRITON_W8A8_MAX_M = 64
 
 # Off the Triton path (CPU), every row count multiplies the FP8 weights' exact values with unquantized
 # activations (kernels.fp8_gemm.fp8_weight_gemm_ref, the W8A16 kernel's math) instead of W8A8:
-# bench/fp8_quality.py --weight-only sets it, to measure the weight-only arithmetic the GPU's decode runs.
+# bench/fp8_quality.py --weight-only sets it, to measure the weight-only arithmetic against W8A8's.
 TORCH_PATH_WEIGHT_ONLY = False
-
-# At those sizes, projections whose input the op before quantizes per token in its own launch (the fused
-# q/k/v and gate/up after an RMSNorm, down after SiLU-and-mul; not o, whose input comes from attention) stream
-# e4m3 x e4m3 through the same kernel (kernels.fp8_gemm.fp8_w8a8_gemm_triton, the dot swapped so the weight
-# tile is the wide operand): no conversion in the loop. H100 bench (bench/fp8_gemm.py --variants, RESULTS.md
-# "Call B"): qkv 12.9 -> 11.2 us, gate_up 42.7 -> 41.1, down 25.0 -> 23.5 at M = 1. Off: not yet run in the
-# decode step, and a token's activations are then quantized at every batch size.
-TRITON_W8A8_STREAM = False
 
 # Largest flattened M at which the unquantized projections (weights in the model's dtype, bf16 when served)
 # take the Triton weight-streaming kernel on CUDA instead of torch's GEMM (cuBLAS). H100: the Llama-3-8B
@@ -160,18 +157,13 @@ class Fp8Linear(nn.Module):
         return num_rows <= TRITON_W8A16_MAX_M
 
     def quantizes_input(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) would quantize x per token on the Triton path (W8A8, or the e4m3 x e4m3
-        stream at small sizes: TRITON_W8A8_STREAM): the op before may do it in its own launch instead and
-        hand over an Fp8Activation."""
-        return kernels.use_triton(x) and (TRITON_W8A8_STREAM or not self._takes_w8a16(x.numel() // x.shape[-1]))
+        """Whether forward(x) would quantize x per token on the Triton path (W8A8): the op before may do
+        it in its own launch instead and hand over an Fp8Activation."""
+        return kernels.use_triton(x) and not self._takes_w8a16(x.numel() // x.shape[-1])
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):   # quantized by the op before
             x_fp8, x_scale, lead = x.data, x.scale, x.shape[:-1]
-            if kernels.use_triton(x_fp8) and self._takes_w8a16(x_fp8.shape[0]):   # TRITON_W8A8_STREAM
-                y = fp8_w8a8_gemm_triton(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype,
-                                         swap_ab=True)
-                return y.reshape(*lead, self.out_features)
         else:
             lead = x.shape[:-1]
             rows = x.reshape(-1, x.shape[-1])
@@ -181,6 +173,9 @@ class Fp8Linear(nn.Module):
                 y = kernels.fp8_weight_gemm(rows.to(self.out_dtype), self.weight, self.weight_scale, self.bias)
                 return y.reshape(*lead, self.out_features)
             x_fp8, x_scale = quantize_rows(rows)
+        if x_fp8.shape[0] <= TRITON_W8A8_MAX_M and kernels.use_triton(x_fp8):
+            y = fp8_w8a8_gemm_triton(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype)
+            return y.reshape(*lead, self.out_features)
         y = scaled_mm(x_fp8, x_scale, self.weight, self.weight_scale, self.out_dtype)
         if self.bias is not None:
             y = y + self.bias

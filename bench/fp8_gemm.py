@@ -155,7 +155,8 @@ def triton_times(x, pairs, iters: int, graph: bool) -> dict:
 
 
 def bench_one(m: int, k: int, n: int, sweep_tiles: bool) -> dict:
-    quantization.TRITON_W8A16_MAX_M = 0   # "Fp8Linear" is the W8A8 path (quantize + _scaled_mm) here
+    quantization.TRITON_W8A16_MAX_M = 0   # "Fp8Linear" is quantize + _scaled_mm here (not the Triton W8A8 stream)
+    quantization.TRITON_W8A8_MAX_M = 0
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     pairs = make_layers(k, n, weight_copies(k, n), g)

@@ -13,9 +13,9 @@ For each configuration (fp8 weights, fp8 KV cache, both) against the model in it
 
 Prompts are lines of the TinyShakespeare text (tools/data), tokenized with the model's tokenizer.
 On a CPU, FP8 GEMMs run through torch._scaled_mm's CPU path (W8A8: activations quantized per token, as
-the GPU runs batches of more than 32 rows; --weight-only: the W8A16 kernel's math, as the GPU's decode runs
-at <= 32 rows) and the FP8 cache through the same kernels' reference code: the numbers are those of the same
-arithmetic.
+the GPU runs every batch; --weight-only: the W8A16 kernel's math, which the GPU runs only where
+backend.quantization.TRITON_W8A16_MAX_M is set) and the FP8 cache through the same kernels' reference code:
+the numbers are those of the same arithmetic.
 """
 import argparse
 import json
@@ -103,7 +103,7 @@ def main(argv=None):
                                                      "rounding change alone moves greedy outputs")
     ap.add_argument("--weight-only", action="store_true",
                     help="off the Triton path (CPU), FP8 weights against unquantized activations at every row "
-                         "count (the W8A16 math the GPU's decode runs at <= 32 rows) instead of W8A8")
+                         "count (the W8A16 kernel's math: TRITON_W8A16_MAX_M) instead of W8A8")
     a = ap.parse_args(argv)
     quantization.TORCH_PATH_WEIGHT_ONLY = a.weight_only
     from transformers import AutoTokenizer

@@ -56,7 +56,8 @@ def silu_and_mul(x):
 
 
 @lazy_jit
-def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: tl.constexpr, HW_CAST: tl.constexpr,
+                                   PDL: tl.constexpr):
     """One program per row, the whole row in registers: silu(gate) * up as _silu_and_mul_kernel computes
     it, rounded to x's dtype, then quantized to FP8 with the row's own scale (kernels.fp8)."""
     pdl_wait(PDL)
@@ -66,7 +67,7 @@ def _silu_and_mul_quant_fp8_kernel(y_ptr, scale_ptr, d, x_ptr, x_stride, BLOCK: 
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
     y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    _quantize_row_fp8(y, y_ptr, scale_ptr, row, d, BLOCK)
+    _quantize_row_fp8(y, y_ptr, scale_ptr, row, d, BLOCK, HW_CAST)
 
 
 def silu_and_mul_quant_fp8_triton(x):

@@ -22,8 +22,10 @@ programs on the H100's 132 SMs), with the smallest power of two that reaches 2 (
 bf16 weights, which stream at bandwidth from fewer programs, only under 0.5 per SM (SPLIT_BELOW_PER_SM).
 K steps are mostly chosen in bytes of W, so bf16 weights get half the K elements of e4m3 ones for the same
 loads and shared memory. The knobs of *_triton override any of it.
+With an e4m3 x and its per-token scales (W8A8: fp8_w8a8_gemm_triton, what quantization fp8 runs at decode sizes)
+the tiles take e4m3 as they are and the dot is swapped (out.T = W @ x.T: W8A8_BLOCK_N and below).
 Variants for bench/fp8_gemm.py --variants (knobs, off by default; H100 sweeps in bench/RESULTS.md): other e4m3
-conversions (CONVERTS), the dot swapped (out.T = W @ x.T), and an e4m3 x with per-token scales (W8A8).
+conversions (CONVERTS), the dot swapped or not.
 Under PDL (kernels.pdl) each program releases the next kernel after its main loop.
 No host syncs and no data-dependent host branches (the config follows shapes only; the workspace is a
 torch.empty per call, which the caching allocator serves from the graph's pool under capture; the counters are
@@ -62,6 +64,15 @@ MAX_SPLIT_TILES = 1 << 16   # output tiles of one split launch: the per-device c
 # before), by bytes of a weight element: with kernels.pdl.RELEASE_BEFORE_GEMM, that wait overlaps the op
 # before the GEMM. H100, M = 1 (RESULTS.md): e4m3 best at 1 step (2: 3.82 -> 3.94 ms a step), bf16 at 2.
 PREFETCH_STEPS = {1: 1, 2: 2}
+# W8A8 (an e4m3 x, quantization fp8 at decode sizes): the dot swapped, the weight tile wgmma's wide operand (e4m3 x
+# e4m3, nothing converted), W8A8_BLOCK_N output channels a program where that leaves 1.5 programs per SM, else 64
+# (then K steps of 512 bytes up to 32 rows, where shared memory holds them). H100, Llama-3-8B projections, best
+# tiles of bench sweeps (RESULTS.md): a layer's four GEMMs 80-91 us at M = 1-64 against 110-118 for _scaled_mm
+# and 92-207 for the W8A16 kernel. The K split (with_split_k) only from W8A8_SPLIT_MIN_K on: the fp8 dot's sums
+# lose precision over a long K (down, K = 14,336: off the fp32 result by more than 1% unsplit, not in 4 slices).
+W8A8_BLOCK_N = 128
+W8A8_BLOCK_K = 256
+W8A8_SPLIT_MIN_K = 8192
 
 
 def fp8_weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -224,10 +235,18 @@ class GemmConfig(NamedTuple):
 
 
 def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
-                weight_dtype: torch.dtype = FP8_DTYPE) -> GemmConfig:
-    """The tiles and the K split from the shapes only (python ints). Without k, no split (the N tiling alone)."""
+                weight_dtype: torch.dtype = FP8_DTYPE, x_fp8: bool = False) -> GemmConfig:
+    """The tiles and the K split from the shapes only (python ints). Without k, no split (the N tiling alone).
+    x_fp8: W8A8 (an e4m3 x with per-token scales)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64     # tl.dot needs >= 16 rows; padding rows cost no bytes
     sms = num_sms(device)
+    if x_fp8:
+        block_n = next((wide for wide in (W8A8_BLOCK_N, 64) if cdiv(n, wide) * cdiv(m, block_m) >= 1.5 * sms), 64)
+        block_k = 2 * W8A8_BLOCK_K if block_n == 64 and block_m <= 32 else W8A8_BLOCK_K
+        tiles = GemmConfig(block_m, block_n, block_k, 4, 4, swap_ab=True)
+        if k is None or k < W8A8_SPLIT_MIN_K:
+            return tiles
+        return with_split_k(tiles, cdiv(n, block_n) * cdiv(m, block_m), k, sms, 1)
     elem = weight_dtype.itemsize   # K steps below are in bytes of e4m3 (one byte): wider weights take fewer
     if m <= 16:
         # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16, e4m3): a wide
@@ -291,7 +310,7 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
     assert weight.stride(-1) == 1 and weight.shape[1] == k and (bias is None or bias.is_contiguous())
     assert weight_scale is not None or weight.dtype == x.dtype, "an unquantized weight must be in x's dtype"
     assert x_scale is None or (weight_scale is not None and x_scale.is_contiguous() and x_scale.numel() == m)
-    config = gemm_config(m, n, x.device, k, weight.dtype)
+    config = gemm_config(m, n, x.device, k, weight.dtype, x_scale is not None)
     config = config._replace(**{name: v for name, v in knobs.items() if v is not None})
     if config.convert == 3 and x.dtype != torch.bfloat16:
         config = config._replace(convert=0)

@@ -1,6 +1,7 @@
 """Per-token FP8 quantization of activations (quantization fp8): each row of x [M, K] to float8 e4m3 with
-its own scale amax / 448, in one launch (the torch reference takes five: abs, amax, clamp, divide, cast).
-Bit-equal to the reference: IEEE divisions and kernels.fp8's exact rounding."""
+its own scale amax / 448, in one launch (the torch reference takes several: abs, amax, clamp, reciprocal,
+multiply, cast).
+Bit-equal to the reference: x times the scale's IEEE reciprocal, rounded to nearest even."""
 from __future__ import annotations
 
 import torch
@@ -19,17 +20,18 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     # A tensor divisor: torch on CUDA divides by a Python scalar as a product with its reciprocal, which
     # is not the correctly rounded quotient the kernel computes (div_rn).
     scale = amax / torch.full_like(amax, FP8_MAX)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return (xf * (torch.ones_like(scale) / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 @lazy_jit
-def _per_token_quant_kernel(y_ptr, scale_ptr, k, x_ptr, x_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _per_token_quant_kernel(y_ptr, scale_ptr, k, x_ptr, x_stride, BLOCK: tl.constexpr, HW_CAST: tl.constexpr,
+                            PDL: tl.constexpr):
     """One program per row, the whole row in registers (K <= 16k for the models served)."""
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * x_stride + cols, mask=cols < k, other=0.0).to(tl.float32)
-    _quantize_row_fp8(x, y_ptr, scale_ptr, row, k, BLOCK)
+    _quantize_row_fp8(x, y_ptr, scale_ptr, row, k, BLOCK, HW_CAST)
 
 
 def per_token_quant_fp8_triton(x):

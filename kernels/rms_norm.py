@@ -50,14 +50,16 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, x_stride
 
 @lazy_jit
 def _rms_norm_quant_fp8_kernel(y_ptr, scale_ptr, n_cols, x_ptr, res_ptr, w_ptr, res_out_ptr, x_stride, res_stride,
-                               eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                               eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, HW_CAST: tl.constexpr,
+                               PDL: tl.constexpr):
     """_rms_norm_kernel, then the row quantized to FP8 with its own scale (kernels.fp8): the normed
     row is rounded to x's dtype first, as rms_norm followed by per_token_quant_fp8 round it (the same
     math; compiled, the row sum's order may differ between the two kernels by an ulp of rstd)."""
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     y = _normed_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, n_cols, x_stride, res_stride, eps, HAS_RESIDUAL, BLOCK)
-    _quantize_row_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), y_ptr, scale_ptr, row, n_cols, BLOCK)
+    _quantize_row_fp8(y.to(x_ptr.dtype.element_ty).to(tl.float32), y_ptr, scale_ptr, row, n_cols, BLOCK,
+                      HW_CAST)
 
 
 def _rows(t, n):

@@ -1,7 +1,8 @@
 """On a CUDA machine (H100: FP8 tensor cores): quantization fp8 and kv_cache_dtype fp8.
 
-  * the FP8 GEMM (torch._scaled_mm, per-token x per-channel scales, bf16 out) against the same FP8 values
-    dequantized and multiplied in fp32, at Llama-3-8B and Qwen3-0.6B projection shapes;
+  * the FP8 GEMM (per-token x per-channel scales, bf16 out: the Triton W8A8 stream at decode sizes,
+    torch._scaled_mm above) against the same FP8 values dequantized and multiplied in fp32, at Llama-3-8B
+    and Qwen3-0.6B projection shapes;
   * paged attention over an FP8 cache against the same kernel over the bf16 cache it was quantized from,
     decode and prefill (the FP8 kernel against the dequantizing reference is tests/kernels/test_fp8_kv_cache.py,
     which runs compiled here too);
@@ -25,10 +26,11 @@ SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),
 
 
 @pytest.mark.parametrize("fast_accum", [False, True], ids=["fp32-accum", "fast-accum"])
-@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 256, 4096])
 @pytest.mark.parametrize("k, n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
 def test_fp8_linear_equals_dequantized_reference(monkeypatch, m, k, n, fast_accum):
-    """M <= TRITON_W8A16_MAX_M: the W8A16 kernel (x as it is); above: x quantized per token + _scaled_mm."""
+    """M <= TRITON_W8A16_MAX_M: the W8A16 kernel (x as it is); above: x quantized per token, then the Triton
+    W8A8 stream up to TRITON_W8A8_MAX_M rows, _scaled_mm above."""
     import backend.quantization as quantization
     monkeypatch.setattr(quantization, "SCALED_MM_FAST_ACCUM", fast_accum)
     g = torch.Generator(device="cuda").manual_seed(m + k + n)

@@ -328,26 +328,28 @@ def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_linear_w8a8_stream_path(monkeypatch, bias):
-    """TRITON_W8A8_STREAM on: at M <= TRITON_W8A16_MAX_M an Fp8Linear asks for its input quantized
-    (quantizes_input, so the op before hands an Fp8Activation) and streams it e4m3 x e4m3 with the dot swapped:
-    the W8A8 math within the fp32-sum bound; an unquantized x (the o projection's) still runs W8A16, and off,
-    the layer does not ask."""
+    """Up to TRITON_W8A8_MAX_M rows an Fp8Linear asks for its input quantized (quantizes_input: the op before
+    hands an Fp8Activation) and streams it e4m3 x e4m3 through the Triton kernel, the dot swapped; given rows
+    in the model's dtype it quantizes them itself (one launch) first. Both within the fp32-sum bound of the
+    W8A8 math; above the threshold, no Triton launch (_scaled_mm)."""
     import backend.quantization as quantization
     launches = []
     monkeypatch.setattr(quantization, "fp8_w8a8_gemm_triton",
-                        lambda *a, **kw: launches.append((a[0].shape, kw)) or fp8_gemm.fp8_w8a8_gemm_triton(*a, **kw))
+                        lambda *a, **kw: launches.append(a[0].shape) or fp8_gemm.fp8_w8a8_gemm_triton(*a, **kw))
     layer = fp8_layer(torch.float32, bias)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 200, generator=g).to(DEVICE)
-    assert not layer.quantizes_input(x)
-    monkeypatch.setattr(quantization, "TRITON_W8A8_STREAM", True)
-    assert layer.quantizes_input(x)
+    assert layer.quantizes_input(x) and quantization.TRITON_W8A16_MAX_M < 4 <= quantization.TRITON_W8A8_MAX_M
+    assert fp8_gemm.gemm_config(4, 72, x.device, 200, x_fp8=True).swap_ab
     x_fp8, x_scale = kernels.per_token_quant_fp8(x)
-    y = layer(quantization.Fp8Activation(x_fp8, x_scale))
-    assert launches == [((4, 200), {"swap_ab": True})] and y.shape == (4, 72) and y.dtype == torch.float32
-    assert_within_fp32_sum_error(y, x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
-    layer(x)   # bf16 / fp32 rows: W8A16, not the e4m3 stream
-    assert len(launches) == 1
+    for given in (quantization.Fp8Activation(x_fp8, x_scale), x):
+        y = layer(given)
+        assert launches == [(4, 200)] and y.shape == (4, 72) and y.dtype == torch.float32
+        assert_within_fp32_sum_error(y, x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
+        launches.clear()
+    monkeypatch.setattr(quantization, "TRITON_W8A8_MAX_M", 3)
+    assert_within_fp32_sum_error(layer(x), x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
+    assert launches == []
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the prefetch is PTX, compiled on a GPU with PDL (Hopper)")
@@ -367,9 +369,9 @@ def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
 
 
 def test_fp8_model_streams_quantized_inputs_e4m3(monkeypatch, tiny_checkpoints):
-    """TRITON_W8A8_STREAM on, quantization fp8, decode steps (M = 3): per layer the fused q/k/v and gate/up
-    (after an RMSNorm that quantizes) and down (after SiLU-and-mul that quantizes) stream e4m3 x e4m3, o stays
-    W8A16; the logits stay within FP8-activation rounding of those with the flag off."""
+    """quantization fp8, decode steps (M = 3): every projection of every layer streams e4m3 x e4m3 (none runs
+    W8A16), and the logits are those of the same model with every GEMM through _scaled_mm (TRITON_W8A8_MAX_M
+    0): the same W8A8 math in another order (fp32 on CPU; CUDA's _scaled_mm rounds each GEMM to bf16)."""
     import backend.quantization as quantization
     from tests.kernels.test_weight_gemm_routing import forward_logits
     streamed, w8a16 = [], []
@@ -378,12 +380,11 @@ def test_fp8_model_streams_quantized_inputs_e4m3(monkeypatch, tiny_checkpoints):
     monkeypatch.setattr(kernels, "fp8_weight_gemm",
                         lambda *a, **kw: w8a16.append(a[0].shape) or fp8_gemm.fp8_weight_gemm(*a, **kw))
     path = tiny_checkpoints["llama"]
-    off = forward_logits(path, [], quantization="fp8")
-    decode_w8a16 = [shape for shape in w8a16 if shape[0] == 3]
-    assert streamed == [] and len(decode_w8a16) == 2 * 2 * 4   # decode steps x layers x projections
-    w8a16.clear()
-    monkeypatch.setattr(quantization, "TRITON_W8A8_STREAM", True)
-    on = forward_logits(path, [], quantization="fp8")
-    assert len([s for s in streamed if s[0] == 3]) == 2 * 2 * 3 and len([s for s in w8a16 if s[0] == 3]) == 2 * 2
-    assert torch.isfinite(on).all()
-    torch.testing.assert_close(on, off, rtol=0.1, atol=0.1)
+    streaming = forward_logits(path, [], quantization="fp8")
+    assert len([s for s in streamed if s[0] == 3]) == 2 * 2 * 4 and w8a16 == []   # decode steps x layers x GEMMs
+    monkeypatch.setattr(quantization, "TRITON_W8A8_MAX_M", 0)
+    streamed.clear()
+    scaled_mm = forward_logits(path, [], quantization="fp8")
+    assert streamed == []
+    tol = 3e-2 if ON_GPU else 1e-4
+    torch.testing.assert_close(streaming, scaled_mm, rtol=tol, atol=tol)

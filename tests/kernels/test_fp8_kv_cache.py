@@ -175,7 +175,9 @@ def test_model_kernel_path_equals_reference_path_fp8(tiny_checkpoints, arch, mon
     from backend.model_runner import ModelRunner
     from tests.helpers import engine_config, prefill_then_decode_logits
 
-    monkeypatch.setattr("backend.quantization.TRITON_W8A16_MAX_M", 0)   # the same math on both paths (W8A8)
+    # the same GEMMs on both paths: W8A8 through _scaled_mm (the Triton W8A8 stream: tests/kernels/test_fp8_gemm.py)
+    monkeypatch.setattr("backend.quantization.TRITON_W8A16_MAX_M", 0)
+    monkeypatch.setattr("backend.quantization.TRITON_W8A8_MAX_M", 0)
     runner = ModelRunner(engine_config(tiny_checkpoints[arch], num_gpu_blocks_override=16, max_num_seqs=4,
                                        max_num_batched_tokens=64, device=DEVICE.type, dtype="float32",
                                        enforce_eager="true", quantization="fp8", kv_cache_dtype="fp8"))
