@@ -16,6 +16,9 @@ interpreter reads e4m3's NaN as 480, and 0 (the masked x) x 480 is 0; unquantize
 which checks it everywhere. Split-K, tried: the reduce dropping the last partial, or reading slice 0's for
 every slice; every slice's partial written to slice 0's rows; slices overlapping by a K step; the reduce
 without the bias, or without the scale: 39 to 79 of 250 cases fail (the others do not split).
+e4m3 x e4m3 dots (W8A8) compiled for Hopper sum with fewer bits than fp32 (the products are exact): add
+FP8_DOT_EPS * sum |x_k w_k s| for every 32 K (a wgmma's K) there; the H100 measured ~1.6e-4 of that sum at
+K = 200 (2^-12.6), 6.5 times the fp32 bound.
 """
 import pytest
 import torch
@@ -28,6 +31,8 @@ from kernels.dispatch import cdiv
 from kernels.fp8_gemm import (fp8_weight_gemm_ref, fp8_weight_gemm_triton, gemm_config, k_slices, weight_gemm,
                               weight_gemm_ref, weight_gemm_triton)
 from tests.kernels.kernel_testing import DEVICE, ON_GPU
+
+FP8_DOT_EPS = 2 ** -13   # per 32 K of an e4m3 x e4m3 dot on the GPU: 5x what the H100 measured at K = 200
 
 FP32_EPS = 2.0 ** -24
 ROUNDING = {dtype: 0.0 if dtype == torch.float32 else (0.5 if ON_GPU else 1.0) * torch.finfo(dtype).eps
@@ -58,15 +63,17 @@ def make_operands(m, n, k, dtype, bias, seed=0, pad=5, quantized=True):
             b.to(**to) if b is not None else None)
 
 
-def assert_within_fp32_sum_error(y, x, weight, scale, bias):
+def assert_within_fp32_sum_error(y, x, weight, scale, bias, fp8_dot=False):
     """y against fp32 math on the same values, within the bound of the module's docstring (scale None: an
-    unquantized weight)."""
+    unquantized weight; fp8_dot: x and the weight e4m3, whose compiled dot sums with fewer bits)."""
     w = weight.float() * scale[:, None] if scale is not None else weight.float()
     exact = x.float() @ w.t() + (bias.float() if bias is not None else 0)
     magnitude = x.float().abs() @ w.abs().t() + (bias.float().abs() if bias is not None else 0)
     k = x.shape[1]
     bound = ROUNDING[y.dtype] * exact.abs() + 2 * (k + 2) * FP32_EPS * magnitude \
         + ROUNDING[y.dtype] * torch.finfo(y.dtype).smallest_normal + 1e-30   # fp16's subnormal spacing
+    if fp8_dot and ON_GPU:
+        bound = bound + (k / 32 + 1) * FP8_DOT_EPS * magnitude
     assert y.shape == exact.shape and not torch.isnan(y).any()
     # Past the dtype's largest value (fp16's 65504 at the GPU shapes) the right answer is inf of the same sign.
     top = torch.finfo(y.dtype).max
@@ -345,10 +352,12 @@ def test_fp8_linear_w8a8_stream_path(monkeypatch, bias):
     for given in (quantization.Fp8Activation(x_fp8, x_scale), x):
         y = layer(given)
         assert launches == [(4, 200)] and y.shape == (4, 72) and y.dtype == torch.float32
-        assert_within_fp32_sum_error(y, x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
+        assert_within_fp32_sum_error(y, x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias,
+                                     fp8_dot=True)
         launches.clear()
     monkeypatch.setattr(quantization, "TRITON_W8A8_MAX_M", 3)
-    assert_within_fp32_sum_error(layer(x), x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias)
+    assert_within_fp32_sum_error(layer(x), x_fp8.float() * x_scale, layer.weight, layer.weight_scale, layer.bias,
+                                 fp8_dot=True)
     assert launches == []
 
 
@@ -370,8 +379,11 @@ def test_l2_prefetch_changes_no_bits(monkeypatch, quantized):
 
 def test_fp8_model_streams_quantized_inputs_e4m3(monkeypatch, tiny_checkpoints):
     """quantization fp8, decode steps (M = 3): every projection of every layer streams e4m3 x e4m3 (none runs
-    W8A16), and the logits are those of the same model with every GEMM through _scaled_mm (TRITON_W8A8_MAX_M
-    0): the same W8A8 math in another order (fp32 on CPU; CUDA's _scaled_mm rounds each GEMM to bf16)."""
+    W8A16), and on CPU the logits are those of the same model with every GEMM through _scaled_mm
+    (TRITON_W8A8_MAX_M 0): the same W8A8 math in another order. Not on the GPU: there _scaled_mm rounds each
+    GEMM to bf16 and the fp8 dots sum with fewer bits, and the next per-token quantization turns such last-bit
+    differences into whole e4m3 steps; the GPU's check is tests/gpu/test_gpu_fp8.py (each shape against the
+    dequantized math, the engine against bf16)."""
     import backend.quantization as quantization
     from tests.kernels.test_weight_gemm_routing import forward_logits
     streamed, w8a16 = [], []
@@ -386,5 +398,5 @@ def test_fp8_model_streams_quantized_inputs_e4m3(monkeypatch, tiny_checkpoints):
     streamed.clear()
     scaled_mm = forward_logits(path, [], quantization="fp8")
     assert streamed == []
-    tol = 3e-2 if ON_GPU else 1e-4
-    torch.testing.assert_close(streaming, scaled_mm, rtol=tol, atol=tol)
+    if not ON_GPU:
+        torch.testing.assert_close(streaming, scaled_mm, rtol=1e-4, atol=1e-4)
