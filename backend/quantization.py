@@ -17,7 +17,7 @@ channels (exact), so q, k and v with different scales fuse by concatenation. A c
 On CPU torch._scaled_mm runs too (same code path; fp32 output), so CPU tests check the real thing.
 
 Up to TRITON_W8A8_MAX_M rows (decode) on CUDA the same W8A8 math runs in the Triton weight-streaming kernel
-(kernels.fp8_gemm.fp8_w8a8_gemm_triton: e4m3 x e4m3 tensor-core dots, fp32 sums over K slices): cuBLASLt's FP8
+(kernels.fp8_gemm.fp8_w8a8_gemm_triton: e4m3 x e4m3 tensor-core dots, K slices added in fp32): cuBLASLt's FP8
 GEMM is built for large M, and at decode sizes the GEMM is a stream of the weight. The op before a projection
 quantizes its input where it is one launch already (the RMSNorm before q/k/v and gate/up, SiLU-and-mul
 before down: quantizes_input), so a decode layer adds one quantizing launch (o's input). The W8A16 kernel
@@ -44,12 +44,13 @@ FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 # Largest flattened M that takes the Triton W8A16 kernel on CUDA (x not quantized); 0: none. It used to be 32;
 # the W8A8 stream with fast per-token quantization beat it in the H100 decode step (bench/RESULTS.md, profile_decode
-# FP8, Llama-3-8B shape, 512 context): 1 sequence 3.72 -> 3.60 ms a step, 16: 4.42 -> 4.20, 32: 5.97 -> 4.74.
+# FP8, Llama-3-8B shape, 512 context): 1 sequence 3.72 -> 3.55 ms a step, 16: 4.40 -> 4.16, 32: 5.97 -> 4.71; not
+# for Qwen3-0.6B's small weights (1 sequence 1.10 -> 1.14: the quantizing launches cost more than the stream saves).
 # W8A8 is also vLLM's FP8 math, and a token's activations are then quantized alike at every batch size.
 TRITON_W8A16_MAX_M = 0
 
 # Largest flattened M whose W8A8 GEMMs stream through the Triton kernel on CUDA (above it, _scaled_mm). H100
-# (same profile): 64 sequences 6.68 -> 5.79 ms a step; at 128, 8.29 (cuBLAS) against 9.12 (Triton).
+# (same profile): 64 sequences 6.69 -> 5.77 ms a step; at 128, 8.29 (cuBLAS) against 9.12 (Triton).
 TRITON_W8A8_MAX_M = 64
 
 # Off the Triton path (CPU), every row count multiplies the FP8 weights' exact values with unquantized
