@@ -73,6 +73,9 @@ PREFETCH_STEPS = {1: 1, 2: 2}
 W8A8_BLOCK_N = 128
 W8A8_BLOCK_K = 256
 W8A8_SPLIT_MIN_K = 8192
+# Where it splits, to 1 program per SM (not SPLIT_TO_PER_SM): down at M = 1 in 4 slices, not 8. H100, FP8 single
+# request (RESULTS.md): 3.548 -> 3.501 ms a step; the sweeps' best down tiles at M = 16-64 are 4 slices as well.
+W8A8_SPLIT_TO_PER_SM = 1
 
 
 def fp8_weight_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -246,7 +249,7 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
         tiles = GemmConfig(block_m, block_n, block_k, 4, 4, swap_ab=True)
         if k is None or k < W8A8_SPLIT_MIN_K:
             return tiles
-        return with_split_k(tiles, cdiv(n, block_n) * cdiv(m, block_m), k, sms, 1)
+        return with_split_k(tiles, cdiv(n, block_n) * cdiv(m, block_m), k, sms, 1, W8A8_SPLIT_TO_PER_SM)
     elem = weight_dtype.itemsize   # K steps below are in bytes of e4m3 (one byte): wider weights take fewer
     if m <= 16:
         # From bench/fp8_gemm.py --sweep on the H100 (Llama-3-8B projections, M = 1 and 16, e4m3): a wide
@@ -270,17 +273,18 @@ def gemm_config(m: int, n: int, device: torch.device, k: int | None = None,
     return with_split_k(tiles, cdiv(n, tiles.block_n) * cdiv(m, block_m), k, sms, elem)
 
 
-def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int) -> GemmConfig:
+def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int,
+                 to_per_sm: float | None = None) -> GemmConfig:
     """Split K when the N x M tiling gives fewer than SPLIT_BELOW_PER_SM programs per SM: the smallest power
-    of two that reaches SPLIT_TO_PER_SM (so 2-4 per SM), while each slice keeps MIN_SLICE_STEPS K steps. Split
-    programs stream shorter K steps (SPLIT_STEP_BYTES a row, 3 stages) so that 2-4 of them fit an SM's shared
-    memory."""
+    of two that reaches to_per_sm programs per SM (default SPLIT_TO_PER_SM: so 2-4 per SM), while each slice keeps
+    MIN_SLICE_STEPS K steps. Split programs stream shorter K steps (SPLIT_STEP_BYTES a row, 3 stages) so that 2-4
+    of them fit an SM's shared memory."""
     if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
         return tiles
     block_k = min(tiles.block_k, SPLIT_STEP_BYTES // elem)
     most = min(MAX_SPLIT_K, cdiv(k, block_k) // MIN_SLICE_STEPS)
     split = 1
-    while programs * split < SPLIT_TO_PER_SM * sms and 2 * split <= most:
+    while programs * split < (to_per_sm or SPLIT_TO_PER_SM) * sms and 2 * split <= most:
         split *= 2
     if split == 1:
         return tiles
