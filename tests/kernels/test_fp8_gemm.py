@@ -1,7 +1,8 @@
 """The small-M weight-streaming GEMM (kernels/fp8_gemm.py): the Triton kernel against fp32 math on the same
 values, on e4m3 weights with per-channel scales (W8A16, quantization fp8) and on unquantized weights in x's
 dtype, with and without split-K; the split heuristic; Fp8Linear's W8A16 path behind
-backend.quantization.TRITON_W8A16_MAX_M (the unquantized layers' switch: test_weight_gemm_routing.py).
+backend.quantization.TRITON_W8A16_MAX_M and its W8A8 stream (TRITON_W8A8_MAX_M) (the unquantized layers'
+switch: test_weight_gemm_routing.py).
 
 Tolerance: the kernel's products are exact (e4m3 converted to x's dtype is exact; bf16 x bf16 and
 fp32 x fp32 dots accumulate in fp32), so it differs from the fp32 reference only by the order of the
@@ -314,7 +315,7 @@ def fp8_layer(dtype, bias, seed=0):
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_linear_w8a16_path(monkeypatch, dtype, bias):
     """With the threshold set, Fp8Linear runs the Triton W8A16 kernel for M <= threshold (x not quantized:
-    fp32 math on the dequantized weight), and _scaled_mm (W8A8) above it."""
+    fp32 math on the dequantized weight), and W8A8 above it."""
     import backend.quantization as quantization
     import kernels.fp8_gemm as fp8_gemm
     launches = []
