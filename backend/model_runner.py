@@ -163,7 +163,7 @@ class ModelRunner:
                 if row is not None:
                     at.append(i)
                     rows.append(row)
-        if at and at == list(range(at[0], at[0] + len(at))) and rows == list(range(rows[0], rows[0] + len(rows))):
+        if at and _consecutive(at) and _consecutive(rows):
             # the usual decode step (the same sequences in the same order): one device-to-device copy, not two
             # host-to-device index copies and a gather-scatter
             input_ids[at[0]:at[0] + len(at)].copy_(in_flight.token_ids[rows[0]:rows[0] + len(rows)])
@@ -215,3 +215,8 @@ class ModelRunner:
         if not logits_indices.numel():
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32)
         return self.model.compute_logits(hidden[logits_indices])
+
+
+def _consecutive(indices: list[int]) -> bool:
+    """indices are i, i + 1, i + 2, ...: a slice."""
+    return indices == list(range(indices[0], indices[0] + len(indices)))

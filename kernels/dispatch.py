@@ -23,6 +23,11 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1: CPU tests) rather than compiled."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class lazy_jit:
     """`@triton.jit`, deferred to the kernel's first launch.
 

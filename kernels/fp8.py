@@ -3,11 +3,9 @@ saturated to ±448, rounded to nearest even. A torch reference, the Triton helpe
 per-token quantizing kernels share, and the launch of the latter."""
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kernels.dispatch import lazy_jit, next_pow2, num_warps_for
+from kernels.dispatch import interpreted, lazy_jit, next_pow2, num_warps_for
 from kernels.pdl import pdl
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
@@ -46,10 +44,19 @@ def _round_to_e4m3_grid(x):
 
 
 @lazy_jit
+def _saturated_e4m3(x, HW_CAST: tl.constexpr):
+    """fp32 x saturated to +-448 and rounded to tl.float8e4nv, to nearest even: the hardware's cast (HW_CAST,
+    compiled code), else _round_to_e4m3_grid first (the interpreter's cast truncates)."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if HW_CAST:
+        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return _round_to_e4m3_grid(x).to(tl.float8e4nv)
+
+
+@lazy_jit
 def _to_fp8(x, scale):
     """fp32 x -> tl.float8e4nv of x / scale, bit-equal to to_fp8_ref (IEEE division, as torch's)."""
-    scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-    return _round_to_e4m3_grid(scaled).to(tl.float8e4nv)
+    return _saturated_e4m3(tl.math.div_rn(x, scale), False)
 
 
 @lazy_jit
@@ -59,18 +66,13 @@ def _quantize_row_fp8(x, y_ptr, scale_ptr, row, n_cols, BLOCK: tl.constexpr, HW_
     scale_ptr + row. Each value is multiplied by the scale's reciprocal (one IEEE division a row, as
     vLLM's quantizing kernels do): a row of 14,336 is one program's, and a division per value made that
     program compute-bound (H100, M = 32, with the hardware cast: 4.9 -> 1.8 us a row of 14,336, 1.9 -> 1.3
-    of 4,096). HW_CAST: the hardware's round-to-nearest-even cast (compiled code); else
-    _round_to_e4m3_grid first (the interpreter's cast truncates). Literals, not the globals: a jit function
-    may read only constexpr globals."""
+    of 4,096). HW_CAST: see _saturated_e4m3. Literals, not the globals: a jit function may read only
+    constexpr globals."""
     cols = tl.arange(0, BLOCK)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
     scale = tl.math.div_rn(amax, 448.0)
     tl.store(scale_ptr + row, scale)
-    y = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -448.0), 448.0)
-    if HW_CAST:
-        y = y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-    else:
-        y = _round_to_e4m3_grid(y).to(tl.float8e4nv)
+    y = _saturated_e4m3(x * tl.math.div_rn(1.0, scale), HW_CAST)
     tl.store(y_ptr + row * n_cols + cols, y, mask=cols < n_cols)
 
 
@@ -82,6 +84,6 @@ def launch_per_token_quant_fp8(kernel, rows, n_cols, device, *args, **constexprs
     scale = torch.empty(rows, 1, dtype=torch.float32, device=device)
     if rows:
         block = next_pow2(n_cols)
-        kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
+        kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, HW_CAST=not interpreted(),
                         num_warps=num_warps_for(block), **constexprs, **pdl(device, feeds_gemm=True))
     return y, scale

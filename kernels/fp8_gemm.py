@@ -33,12 +33,11 @@ made once per device, before any capture): CUDA-graph safe.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
-from kernels.dispatch import cdiv, lazy_jit, num_sms, use_triton
+from kernels.dispatch import cdiv, interpreted, lazy_jit, num_sms, use_triton
 from kernels.pdl import pdl, pdl_release, pdl_wait, prefetch_l2
 from kernels.fp8 import FP8_DTYPE
 
@@ -282,9 +281,10 @@ def with_split_k(tiles: GemmConfig, programs: int, k: int, sms: int, elem: int,
     if programs >= SPLIT_BELOW_PER_SM[elem] * sms:
         return tiles
     block_k = min(tiles.block_k, SPLIT_STEP_BYTES // elem)
+    to_per_sm = SPLIT_TO_PER_SM if to_per_sm is None else to_per_sm
     most = min(MAX_SPLIT_K, cdiv(k, block_k) // MIN_SLICE_STEPS)
     split = 1
-    while programs * split < (to_per_sm or SPLIT_TO_PER_SM) * sms and 2 * split <= most:
+    while programs * split < to_per_sm * sms and 2 * split <= most:
         split *= 2
     if split == 1:
         return tiles
@@ -326,7 +326,6 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
     x_scale_arg = x_scale if x_scale is not None else out        # never read when X_FP8 is off
     flags = dict(HAS_SCALE=weight_scale is not None, X_FP8=x_scale is not None, HAS_BIAS=bias is not None,
                  SPLIT_K=split_k)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (cdiv(n, config.block_n), cdiv(m, config.block_m), split_k)
     launch = pdl(x.device)
     counters = _split_counters(x.device) if split_k > 1 else partial
@@ -339,7 +338,7 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,   # fp32: no silent tf32
         # Triton's interpreter multiplies bf16 (and e4m3) operands' storage bits in tl.dot: run those dots in
         # fp32 there
-        UPCAST_DOT=interpreted and (x.dtype == torch.bfloat16 or x_scale is not None),
+        UPCAST_DOT=interpreted() and (x.dtype == torch.bfloat16 or x_scale is not None),
         # only where a PDL launch may start early, and tiles of whole 128-byte lines
         PREFETCH=_prefetch_steps(weight.element_size(), config.block_k, launch["PDL"]),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch)

@@ -44,12 +44,11 @@ early): none of that is written by a kernel of the forward pass; q is read after
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import lazy_jit, next_pow2, num_sms, use_triton
+from kernels.dispatch import interpreted, lazy_jit, next_pow2, num_sms, use_triton
 import kernels.pdl as pdl_module
 from kernels.pdl import pdl, pdl_wait, prefetch_l2
 from kernels.fp8 import from_fp8_ref, is_fp8
@@ -501,7 +500,7 @@ def _fp8_mode(k_cache) -> int:
     FP8_DIRECT: e4m3 -> q's dtype in one conversion."""
     if not is_fp8(k_cache):
         return 0
-    return FP8_DIRECT if FP8_CONVERT_DIRECT and os.environ.get("TRITON_INTERPRET") != "1" else FP8_VIA_FP32
+    return FP8_DIRECT if FP8_CONVERT_DIRECT and not interpreted() else FP8_VIA_FP32
 
 
 def _variant_constexprs(variant, block_m):
@@ -542,7 +541,7 @@ def _launch(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, s
         NUM_SEGMENTS=segs, MIN_SEGMENT_TILES=max(1, 64 // tn),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,   # fp32: no silent tf32
         # Triton's interpreter multiplies bf16 operands' storage bits in tl.dot: run those dots in fp32 there
-        UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreted(),
         # the unmasked first loop pays off for prefill tiles (H100: 301 -> 358 TFLOP/s at 4k); decode tiles keep
         # one masked loop, which streamed K/V at 2.88 TB/s where the two-loop form gave 2.42 (batch 64, 4k)
         UNMASKED_PREFIX=bm >= 64, MODE=mode, KV_FP8=_fp8_mode(k_cache), **_variant_constexprs(variant, bm),

@@ -19,11 +19,10 @@ finish, and ours, launched after it, wait for it. CUDA graphs keep PDL launches 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from kernels.dispatch import lazy_jit
+from kernels.dispatch import interpreted, lazy_jit
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -59,7 +58,7 @@ def pdl(device: torch.device, feeds_gemm: bool = False, feeds_attention: bool = 
 
 @functools.lru_cache(maxsize=None)
 def _supported(device: torch.device) -> bool:
-    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+    return not interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @lazy_jit
