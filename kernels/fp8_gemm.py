@@ -40,6 +40,7 @@ import torch
 from kernels.dispatch import cdiv, interpreted, lazy_jit, num_sms, use_triton
 from kernels.pdl import pdl, pdl_release, pdl_wait, prefetch_l2
 from kernels.fp8 import FP8_DTYPE
+from kernels.arrival import MAX_COUNTERS, _arrive_last, _reset, arrival_counters
 
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
@@ -58,7 +59,6 @@ SPLIT_BELOW_PER_SM = {1: 1.5, 2: 0.5, 4: 0.5}
 # 1 (3.82 -> 3.90 ms), 4 (4.04), 512-byte steps (4.09), no split at all (3.91) and a lower threshold (same).
 SPLIT_TO_PER_SM = 2
 SPLIT_STEP_BYTES = 256
-MAX_SPLIT_TILES = 1 << 16   # output tiles of one split launch: the per-device counters of _split_k_fixup
 # K steps of its weight tile a program asks L2 for before its PDL wait (the weights never depend on the kernel
 # before), by bytes of a weight element: with kernels.pdl.RELEASE_BEFORE_GEMM, that wait overlaps the op
 # before the GEMM. H100, M = 1 (RESULTS.md): e4m3 best at 1 step (2: 3.82 -> 3.94 ms a step), bf16 at 2.
@@ -214,15 +214,14 @@ def _split_k_fixup(acc, offs_m, offs_n, m, n, split, partial_ptr, counter_ptr, x
     cols = offs_n[None, :]
     tl.store(partial_ptr + (split * m + offs_m).to(tl.int64)[:, None] * n + cols, acc, mask=ok)
     tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tl.debug_barrier()   # every thread's partial stored before the release below publishes them
-    if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+    if _arrive_last(counter_ptr + tile, SPLIT_K):
         total = tl.zeros(acc.shape, dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):   # .cg: from L2, where the other SMs' partials are
             total += tl.load(partial_ptr + (s * m + offs_m).to(tl.int64)[:, None] * n + cols, mask=ok, other=0.0,
                              cache_modifier=".cg")
         _scale_bias_store(total, offs_m, offs_n, m, n, x_scale_ptr, scale_ptr, bias_ptr, out_ptr, out_stride,
                           HAS_SCALE, X_FP8, HAS_BIAS)
-        tl.atomic_xchg(counter_ptr + tile, 0)
+        _reset(counter_ptr + tile)
 
 
 class GemmConfig(NamedTuple):
@@ -328,8 +327,8 @@ def _weight_stream_gemm(x, weight, weight_scale, bias, knobs: dict, x_scale=None
                  SPLIT_K=split_k)
     grid = (cdiv(n, config.block_n), cdiv(m, config.block_m), split_k)
     launch = pdl(x.device)
-    counters = _split_counters(x.device) if split_k > 1 else partial
-    assert split_k == 1 or grid[0] * grid[1] <= MAX_SPLIT_TILES
+    counters = arrival_counters(x.device) if split_k > 1 else partial
+    assert split_k == 1 or grid[0] * grid[1] <= MAX_COUNTERS
     _weight_stream_kernel[grid](
         x, x_scale_arg, weight, scale, bias_arg, out, partial, counters, m, n, k, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0), **flags,
@@ -349,22 +348,6 @@ def _prefetch_steps(elem: int, block_k: int, pdl_on) -> int:
     """PREFETCH_STEPS of this weight width where a PDL launch may start early, on tiles of whole 128-byte
     lines; else 0."""
     return PREFETCH_STEPS.get(elem, 0) if pdl_on and block_k * elem >= 128 else 0
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """The split launches' per-tile arrival counters on a device: zeros, and zeros again after every launch (the
-    last slice of each tile resets its own). One set per device: launches on one stream use them one after
-    another (a PDL launch waits for the previous kernel before it touches them). Made at the first split launch,
-    which must not be under CUDA-graph capture (the engine and the benches run each shape once before capturing)."""
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the split-K counters must exist before CUDA-graph capture: run the GEMM once first")
-        with torch.inference_mode(False):   # a plain tensor even if first made in an inference step
-            _counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
-    return _counters[device]
 
 
 def fp8_weight_gemm_triton(x, weight, weight_scale, bias=None, **knobs):

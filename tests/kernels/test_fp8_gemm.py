@@ -28,6 +28,8 @@ from torch import nn
 import kernels
 from kernels.fp8 import FP8_DTYPE
 import kernels.fp8_gemm as fp8_gemm
+import kernels.arrival as arrival
+from kernels.arrival import arrival_counters
 from kernels.dispatch import cdiv
 from kernels.fp8_gemm import (fp8_weight_gemm_ref, fp8_weight_gemm_triton, gemm_config, k_slices, weight_gemm,
                               weight_gemm_ref, weight_gemm_triton)
@@ -218,18 +220,18 @@ def test_split_k_counters_are_reset():
     for quantized, m, n, k, split_k in [(True, 1, 97, 300, 2), (False, 5, 50, 1000, 4), (True, 17, 33, 300, 3)]:
         x, w, scale, b = make_operands(m, n, k, torch.bfloat16, True, seed=k, quantized=quantized)
         gemm(quantized, x, w, scale, b, split_k=split_k, block_k=32, block_n=16)
-        assert not fp8_gemm._split_counters(x.device).any()
+        assert not arrival_counters(x.device).any()
 
 
 def test_split_k_counters_are_a_plain_tensor_under_inference_mode(monkeypatch):
     """First made inside inference_mode (an engine step), the counters are still a normal tensor: code outside
     inference_mode may reset them in place; later calls return the same buffer."""
-    monkeypatch.setattr(fp8_gemm, "_counters", {})
+    monkeypatch.setattr(arrival, "_counters", {})
     with torch.inference_mode():
-        counters = fp8_gemm._split_counters(torch.device("cpu"))
+        counters = arrival_counters(torch.device("cpu"))
     assert not counters.is_inference() and not counters.any()
     counters.fill_(2)
-    assert fp8_gemm._split_counters(torch.device("cpu")) is counters
+    assert arrival_counters(torch.device("cpu")) is counters
 
 
 def test_split_k_on_and_off_agree():
