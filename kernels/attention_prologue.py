@@ -136,7 +136,8 @@ def qk_norm_rotary_store_triton(positions, q, k, v, k_cache, v_cache, slot_mappi
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_q_heads, num_kv_heads,
             BLOCK_SIZE=k_cache.shape[1], HALF=half, HAS_Q_NORM=q_norm_weight is not None,
             HAS_K_NORM=k_norm_weight is not None, BLOCK_HALF=next_pow2(half), BLOCK_HQ=block_hq,
-            BLOCK_HK=next_pow2(num_kv_heads), KV_FP8=fp8, num_warps=num_warps_for(block_hq * 2 * next_pow2(half)),
+            BLOCK_HK=next_pow2(num_kv_heads), KV_FP8=fp8,
+            num_warps=num_warps_for(block_hq * 2 * next_pow2(half), num_tokens, q.device),
             **pdl(q.device, feeds_attention=True))
     return q
 

@@ -85,5 +85,5 @@ def launch_per_token_quant_fp8(kernel, rows, n_cols, device, *args, **constexprs
     if rows:
         block = next_pow2(n_cols)
         kernel[(rows,)](y, scale, n_cols, *args, BLOCK=block, HW_CAST=not interpreted(),
-                        num_warps=num_warps_for(block), **constexprs, **pdl(device, feeds_gemm=True))
+                        num_warps=num_warps_for(block, rows, device), **constexprs, **pdl(device, feeds_gemm=True))
     return y, scale

@@ -400,6 +400,9 @@ def _reduce_segments_kernel(out_ptr, seg_out_ptr, seg_max_ptr, seg_sum_ptr, num_
     tl.store(out_ptr + t * o_stride_t + h * o_stride_h + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
+MAX_SEGMENTS = 16   # split-KV: most segments a decode's context is cut into
+
+
 def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_fp8=False):
     """(BLOCK_M, TILE_N, num_warps, num_stages, num_segments) for a batch; python ints only."""
     rows = max_query_len * group
@@ -419,7 +422,7 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_f
         programs = num_seqs * num_kv_heads
         sms = num_sms(device)
         if programs < 2 * sms:   # too few programs to keep the SMs' loads in flight: split the context
-            segments = min(16, next_pow2(-(-2 * sms // programs)))
+            segments = min(MAX_SEGMENTS, next_pow2(-(-2 * sms // programs)))
         if kv_fp8 and head_dim <= 128:
             # An FP8 tile is half the bytes: twice the keys per tile, and a deeper pipeline where the split
             # leaves few tiles per program (bench/fp8_attention.py, H100: 256 x 640 195 -> 151 us, 1 x 4k

@@ -83,7 +83,8 @@ def rms_norm_triton(x, weight, eps, residual=None):
     if rows:
         block = next_pow2(n)
         _rms_norm_kernel[(rows,)](x2, r2, w, y, res_out, n, x2.stride(0), r2.stride(0), float(eps),
-                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps_for(block),
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                  num_warps=num_warps_for(block, rows, x.device),
                                   **pdl(x.device, feeds_gemm=True))
     return y if residual is None else (y, res_out)
 
