@@ -400,7 +400,10 @@ def _reduce_segments_kernel(out_ptr, seg_out_ptr, seg_max_ptr, seg_sum_ptr, num_
     tl.store(out_ptr + t * o_stride_t + h * o_stride_h + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-MAX_SEGMENTS = 16   # split-KV: most segments a decode's context is cut into
+MAX_SEGMENTS = 16   # split-KV: most segments a decode's context is cut into (8 or 4: slower, H100 RESULTS.md)
+# Warps of a split decode's programs (few programs, each an SM to itself; unsplit decodes keep 4). H100, FP8 single
+# request (RESULTS.md): 8 instead of 4, 3.490 -> 3.479 ms a step (two runs each), 16 sequences 4.120 -> 4.099.
+SPLIT_DECODE_WARPS = 8
 
 
 def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_fp8=False):
@@ -423,6 +426,8 @@ def _config(max_query_len, group, head_dim, num_seqs, num_kv_heads, device, kv_f
         sms = num_sms(device)
         if programs < 2 * sms:   # too few programs to keep the SMs' loads in flight: split the context
             segments = min(MAX_SEGMENTS, next_pow2(-(-2 * sms // programs)))
+            if rows <= 16:
+                warps = SPLIT_DECODE_WARPS
         if kv_fp8 and head_dim <= 128:
             # An FP8 tile is half the bytes: twice the keys per tile, and a deeper pipeline where the split
             # leaves few tiles per program (bench/fp8_attention.py, H100: 256 x 640 195 -> 151 us, 1 x 4k
