@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import kernels
 from backend import logprobs
 from backend.logits_processors import apply_logits_processors
 from backend.logprobs import TokenLogprobs, unpack
@@ -84,23 +85,17 @@ class StepResult:
         return entries
 
 
-ARGMAX_CHUNKS = 128   # a few rows over a long vocabulary: each row's argmax in this many pieces at once
+# A few rows over a long vocabulary (decode) take the pieced Triton argmax (kernels.argmax): torch reduces a row in
+# one thread block, one SM for the whole row (H100, V = 128,256: 36 us a step).
+ARGMAX_TRITON_MAX_ROWS = 32
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x [S, V] -> each row's argmax, the first index of its maximum (as torch.argmax). torch reduces a row
-    in one thread block: at decode (a few rows, V = 128k) one SM does the work (H100: 36 us a step). The
-    rows cut in ARGMAX_CHUNKS pieces (-inf padding) reduce in parallel; the first piece holding the row's
-    maximum has its first index."""
-    rows, vocab = x.shape
-    if rows * ARGMAX_CHUNKS > 4096 or vocab < 16 * ARGMAX_CHUNKS:
-        return x.argmax(dim=-1)
-    width = -(-vocab // ARGMAX_CHUNKS)
-    if width * ARGMAX_CHUNKS != vocab:
-        x = torch.nn.functional.pad(x, (0, width * ARGMAX_CHUNKS - vocab), value=float("-inf"))
-    piece_max, piece_arg = x.reshape(rows, ARGMAX_CHUNKS, width).max(dim=-1)
-    piece = piece_max.argmax(dim=-1, keepdim=True)
-    return piece_arg.gather(1, piece).add_(piece, alpha=width).squeeze(1)   # 4 launches in all
+    """x [S, V] -> each row's argmax, the first index of its maximum (NaN counting as the maximum), as
+    torch.argmax."""
+    if x.shape[0] <= ARGMAX_TRITON_MAX_ROWS and kernels.use_triton(x):
+        return kernels.first_argmax(x)
+    return x.argmax(dim=-1)
 
 
 class Sampler:

@@ -10,6 +10,8 @@ from kernels.activation import silu_and_mul, silu_and_mul_quant_fp8
 from kernels.attention_prologue import qk_norm_rotary_store
 from kernels.quant_fp8 import per_token_quant_fp8
 from kernels.fp8_gemm import fp8_weight_gemm
+from kernels.argmax import first_argmax
 
 __all__ = ["use_triton", "paged_attention", "store_kvcache", "rms_norm", "rms_norm_quant_fp8", "rotary_embedding",
-           "silu_and_mul", "silu_and_mul_quant_fp8", "qk_norm_rotary_store", "per_token_quant_fp8", "fp8_weight_gemm"]
+           "silu_and_mul", "silu_and_mul_quant_fp8", "qk_norm_rotary_store", "per_token_quant_fp8", "fp8_weight_gemm",
+           "first_argmax"]
