@@ -1,5 +1,8 @@
 """Arrival counters: the "last program to arrive" pattern that lets one launch finish work which needs every
-program's output (a K split's sum, a row's quantization scale) without a second kernel.
+program's output (the weight stream's K split: the last slice of a tile sums all of them) without a second kernel.
+Where many programs arrive on one counter and the last then works alone, it measured slower than the separate
+launch it saved under PDL (H100, bench/RESULTS.md: the attention reduce's 32 heads a token quantizing o_proj's
+input; gate/up's 224 programs a row quantizing SiLU-and-mul's output).
 
 Each program stores its part, then counts itself in (arrive); the one that sees the count reach the expected
 number reads everyone's parts (from L2: loads with cache_modifier=".cg"), does the remaining work and resets

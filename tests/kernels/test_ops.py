@@ -110,3 +110,16 @@ def test_gpu_store_kvcache_past_int32():
     kernels.store_kvcache(k, v, k_cache, v_cache, slots)
     flat_k, flat_v = k_cache.view(-1, h, d), v_cache.view(-1, h, d)
     assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+
+
+def test_row_kernels_take_more_warps_only_with_a_row_per_sm(monkeypatch):
+    """Rows over 1,024 elements get twice the warps when the launch has at most a row per SM (decode); wider
+    launches (prefill) and narrow rows keep the usual count; the switch turns it off."""
+    import kernels.dispatch as dispatch
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert [dispatch.num_warps_for(4096, rows, cuda) for rows in (1, 132, 133)] == [16, 16, 8]
+    assert dispatch.num_warps_for(16384, 1, cuda) == 32 and dispatch.num_warps_for(1024, 1, cuda) == 4
+    assert dispatch.num_warps_for(4096) == 8   # no row count: the usual
+    monkeypatch.setattr(dispatch, "FEW_ROWS_MORE_WARPS", False)
+    assert dispatch.num_warps_for(4096, 1, cuda) == 8

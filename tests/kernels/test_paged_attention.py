@@ -319,3 +319,17 @@ def test_kv_prefetch_only_on_decode_tiles_of_whole_lines(monkeypatch):
         assert attention_module._prefetch_kv(launch, block_m, row_bytes)["PREFETCH_KV"] == 0
     monkeypatch.setattr(importlib.import_module("kernels.pdl"), "RELEASE_BEFORE_ATTENTION", None)
     assert attention_module._prefetch_kv(on, 16, 256)["PREFETCH_KV"] == 0
+
+
+def test_split_decodes_take_more_warps(monkeypatch):
+    """Decodes that split the context (few programs, an SM each) run SPLIT_DECODE_WARPS warps; unsplit decodes and
+    prefill tiles keep theirs."""
+    import sys
+    pa = sys.modules["kernels.paged_attention"]
+    cases = [(1, 1), (1, 256), (64, 1), (1000, 1)]   # (query length, sequences): split decode, unsplit, prefill
+    before = [pa._config(q, 4, 128, n, 8, DEVICE) for q, n in cases]
+    assert before[0][-1] > 1 and before[0][2] == pa.SPLIT_DECODE_WARPS and before[1][-1] == 1
+    monkeypatch.setattr(pa, "SPLIT_DECODE_WARPS", 2)
+    after = [pa._config(q, 4, 128, n, 8, DEVICE) for q, n in cases]
+    assert after[0][2] == 2 and after[0][:2] + after[0][3:] == before[0][:2] + before[0][3:]
+    assert after[1:] == before[1:]
