@@ -15,7 +15,8 @@ from kernels.pdl import pdl, pdl_wait
 triton = tl = None  # bound to triton / triton.language by lazy_jit at the first launch
 
 PIECES = 128   # programs a row in the first launch (as many as an H100 has SMs, about)
-NONE = 2**31 - 1   # "no index": loses every min
+# In the kernels 2147483647 (int32's largest: a literal, a jit function reads no plain globals) stands for "no
+# index": it loses every min.
 
 
 @lazy_jit
