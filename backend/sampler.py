@@ -94,8 +94,8 @@ ARGMAX_TRITON_MAX_ROWS = 32
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """x [S, V] -> each row's argmax, the first index of its maximum (NaN counting as the maximum), as
     torch.argmax."""
-    if x.shape[0] <= ARGMAX_TRITON_MAX_ROWS and kernels.use_triton(x):
-        return kernels.first_argmax(x)
+    if x.shape[0] <= ARGMAX_TRITON_MAX_ROWS:
+        return kernels.first_argmax(x)   # the Triton kernel where kernels run, torch.argmax elsewhere
     return x.argmax(dim=-1)
 
 
